@@ -1,0 +1,85 @@
+"""Embedding throughput: Rosetta vs open_clip on the same ViT-B/32 CLIP, random weights, one process.
+
+    python benchmarks/embed.py [--batch-size 32] [--repeats 5]
+
+Prints images/s and texts/s for open_clip fp32, Rosetta fp32, and Rosetta's fast path
+(`dtype="auto"`: bf16 where the hardware multiplies bf16 natively, else fp32), the ratios, and
+the cosine similarity between fast-path and fp32 embeddings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+import rosetta
+from rosetta.models.io import cpu_has_fast_bf16, resolve_dtype
+
+
+def throughput(fn, batch: torch.Tensor, repeats: int) -> float:
+    with torch.inference_mode():
+        fn(batch)  # warm-up: kernel selection, allocator
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn(batch)
+        return repeats * batch.shape[0] / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    import open_clip
+
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peer = open_clip.create_model("ViT-B-32-quickgelu").to(device).eval()
+    ours = rosetta.create("vit-b-32").to(device).eval()
+    fast_dtype = resolve_dtype("auto", device)
+    fast = rosetta.create("vit-b-32").to(device).eval()
+    fast.load_state_dict(ours.state_dict())
+    fast.to(fast_dtype)
+
+    images = torch.randn(args.batch_size, 3, 224, 224, device=device)
+    ids = ours.tokenize(["a photo of a dog on the beach"] * args.batch_size).to(device)
+    peer_ids = open_clip.get_tokenizer("ViT-B-32")(["a photo of a dog on the beach"] * args.batch_size).to(device)
+
+    print(f"device: {device}, threads: {torch.get_num_threads()}, cpu: {torch.backends.cpu.get_cpu_capability()}, "
+          f"native bf16: {cpu_has_fast_bf16()}, fast-path dtype: {fast_dtype}")
+    print(f"batch {args.batch_size}, {args.repeats} timed batches each\n")
+    rows = {
+        "images/s": {
+            "open_clip fp32": throughput(peer.encode_image, images, args.repeats),
+            "rosetta fp32": throughput(ours.encode_image, images, args.repeats),
+            f"rosetta fast ({fast_dtype})": throughput(fast.encode_image, images, args.repeats),
+        },
+        "texts/s": {
+            "open_clip fp32": throughput(peer.encode_text, peer_ids, args.repeats),
+            "rosetta fp32": throughput(ours.encode_text, ids, args.repeats),
+            f"rosetta fast ({fast_dtype})": throughput(fast.encode_text, ids, args.repeats),
+        },
+    }
+    if fast_dtype != torch.bfloat16:  # show what bf16 costs or gains here, even when auto does not pick it
+        slow = rosetta.create("vit-b-32").to(device).eval()
+        slow.load_state_dict(ours.state_dict())
+        slow.to(torch.bfloat16)
+        rows["images/s"]["rosetta bf16 (forced)"] = throughput(slow.encode_image, images, args.repeats)
+    for unit, results in rows.items():
+        base = results["open_clip fp32"]
+        for name, value in results.items():
+            print(f"{unit:9s} {name:28s} {value:8.1f}   x{value / base:.2f} vs open_clip fp32")
+        print()
+
+    with torch.inference_mode():
+        cos_image = F.cosine_similarity(fast.encode_image(images).float(), ours.encode_image(images), dim=-1)
+        cos_text = F.cosine_similarity(fast.encode_text(ids).float(), ours.encode_text(ids), dim=-1)
+    print(f"cosine(fast, fp32): images min {cos_image.min():.5f}, texts min {cos_text.min():.5f}")
+
+
+if __name__ == "__main__":
+    main()

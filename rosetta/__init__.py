@@ -1,0 +1,13 @@
+"""Rosetta: multimodal foundation models — one embedding space for text and images, and the tasks on it."""
+
+from rosetta.errors import InputError, ModelNotFoundError, RosettaError
+from rosetta.models.config import PRESETS, ContrastiveConfig, ImageConfig, TextConfig, VisionConfig
+from rosetta.models.contrastive import ContrastiveModel
+from rosetta.models.io import create, load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS", "ContrastiveConfig", "ContrastiveModel", "ImageConfig", "InputError", "ModelNotFoundError",
+    "RosettaError", "TextConfig", "VisionConfig", "create", "load",
+]

@@ -1,0 +1,171 @@
+"""The `rosetta` command: one entry point, a subcommand per task.
+
+Errors a user can cause print one line naming the input and the reason; batch commands go on with
+the other inputs and exit non-zero if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from rosetta.errors import InputError, RosettaError
+
+
+def _fail(message: str) -> None:
+    print(f"rosetta: {message}", file=sys.stderr)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", required=True,
+                   help="a preset (vit-b-32, siglip-base-patch16-224, tiny...), a hub repo id, or a model directory")
+    g.add_argument("--random-init", action="store_true",
+                   help="build the preset with random weights instead of loading a checkpoint (no download)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda if available)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16/fp16 where the hardware is fast at it, else fp32 (default: auto)")
+    g.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass (default: 32)")
+
+
+def _model(args: argparse.Namespace):
+    from rosetta.models.io import create, load, resolve_device, resolve_dtype
+
+    if args.batch_size < 1:
+        raise RosettaError("--batch-size must be at least 1")
+    if not args.random_init:
+        return load(args.model, device=args.device, dtype=args.dtype)
+    device = resolve_device(args.device)
+    return create(args.model).to(device=device, dtype=resolve_dtype(args.dtype, device)).eval()
+
+
+def _decoded_images(inputs: Sequence[str], batch_size: int, failures: list[str]) -> Iterator[tuple[list[str], list]]:
+    """Batches of (paths, RGB images) of the inputs that decode; the others are reported and counted."""
+    from rosetta.modalities.image import find_images, load_image
+
+    paths, images = [], []
+    for path in find_images(inputs):
+        try:
+            images.append(load_image(path))
+            paths.append(str(path))
+        except InputError as e:
+            _fail(str(e))
+            failures.append(str(path))
+        if len(images) == batch_size:
+            yield paths, images
+            paths, images = [], []
+    if images:
+        yield paths, images
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    out = Path(args.out)
+    if out.suffix not in (".npy", ".parquet"):
+        raise RosettaError(f"--out {out}: use a .npy or .parquet file")
+    model = _model(args)
+    failures: list[str] = []
+    if args.text:
+        names = list(args.inputs)
+        vectors = model.embed_texts(names, batch_size=args.batch_size).cpu().numpy()
+    else:
+        names, chunks = [], []
+        for paths, images in _decoded_images(args.inputs, args.batch_size, failures):
+            names += paths
+            chunks.append(model.embed_images(images, batch_size=args.batch_size).cpu().numpy())
+        vectors = np.concatenate(chunks) if chunks else np.zeros((0, model.config.embed_dim), np.float32)
+    _write_embeddings(out, names, vectors.astype(np.float32), "text" if args.text else "path")
+    print(f"wrote {len(names)} embeddings of dimension {vectors.shape[1]} to {out}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _write_embeddings(out: Path, names: list[str], vectors, key: str) -> None:
+    import io
+
+    import numpy as np
+
+    from rosetta.files import atomic_write
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        buffer = io.BytesIO()
+        np.save(buffer, vectors)
+        atomic_write(out, lambda f: f.write(buffer.getvalue()))
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+    table = pa.table({key: pa.array(names, pa.string()), "embedding": embedding})
+    atomic_write(out, lambda f: pq.write_table(table, f))
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    if not labels:
+        raise RosettaError("--labels: give at least one label, e.g. --labels 'dog,cat,car'")
+    model = _model(args)
+    templates = args.template or args.templates
+    classifier = model.classifier(labels, templates)
+    failures: list[str] = []
+    for paths, images in _decoded_images(args.images, args.batch_size, failures):
+        probs = model.probabilities(model.embed_images(images, batch_size=args.batch_size), classifier)
+        for path, row in zip(paths, probs.tolist()):
+            best = max(range(len(labels)), key=row.__getitem__)
+            line = {"path": path, "label": labels[best], "score": round(row[best], 6),
+                    "probs": {label: round(p, 6) for label, p in zip(labels, row)}}
+            print(json.dumps(line), flush=True)
+    return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from rosetta import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="rosetta",
+        description="Multimodal foundation models: embed, classify and compare images and text in one space.",
+        epilog="Run 'rosetta COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"rosetta {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("embed", help="embed images or texts into the shared space",
+                       description="Embed images (files or directories, recursively) or, with --text, strings. "
+                                   "Writes L2-normalised vectors to a .npy array or a .parquet table with the inputs.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or directories; strings with --text")
+    p.add_argument("--text", action="store_true", help="the inputs are strings to embed, not image paths")
+    p.add_argument("--out", "-o", required=True, help="output: .npy (array [N, D]) or .parquet (input + embedding)")
+    _add_model_args(p)
+    p.set_defaults(run=cmd_embed)
+
+    p = sub.add_parser("classify", help="zero-shot classify images against labels you type",
+                       description="Zero-shot classification: prints one JSON line per image with "
+                                   "path, label, score and the probability of every label.")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or directories (recursive)")
+    p.add_argument("--labels", "-l", required=True, help="comma-separated labels, e.g. 'dog,cat,car'")
+    p.add_argument("--templates", default="default",
+                   help="prompt set: 'default' (a photo of a {}.) or 'imagenet' (CLIP's 80 prompts, ensembled)")
+    p.add_argument("--template", action="append",
+                   help="a custom prompt with {} for the label; repeat to ensemble (overrides --templates)")
+    _add_model_args(p)
+    p.set_defaults(run=cmd_classify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except RosettaError as e:
+        _fail(str(e))
+        return 2
+    except ValueError as e:  # bad option values caught by the library (templates, presets)
+        _fail(str(e))
+        return 2
+    except KeyboardInterrupt:
+        _fail("interrupted")
+        return 130

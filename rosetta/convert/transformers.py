@@ -1,0 +1,204 @@
+"""Hugging Face transformers checkpoints: CLIPModel and SiglipModel, both directions."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rosetta.convert.mapping import Rule, linear, rule
+from rosetta.errors import RosettaError
+from rosetta.models.config import (
+    HALF,
+    OPENAI_MEAN,
+    OPENAI_STD,
+    ContrastiveConfig,
+    ImageConfig,
+    TextConfig,
+    VisionConfig,
+)
+
+ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+
+
+def model_type(directory: Path) -> str | None:
+    config = directory / "config.json"
+    if not config.exists():
+        return None
+    return json.loads(config.read_text()).get("model_type")
+
+
+def _activation(name: str) -> str:
+    if name not in ACTIVATIONS:
+        raise RosettaError(f"activation {name!r} is not supported")
+    return ACTIVATIONS[name]
+
+
+def read_config(directory: Path) -> ContrastiveConfig:
+    """Our config for a transformers CLIP or SigLIP directory."""
+    hf = json.loads((directory / "config.json").read_text())
+    kind = hf.get("model_type")
+    if kind not in ("clip", "siglip"):
+        raise RosettaError(f"{directory}: transformers model type {kind!r} is not a CLIP or SigLIP model")
+    siglip = kind == "siglip"
+    v, t = hf.get("vision_config", {}), hf.get("text_config", {})
+    defaults = _SIGLIP_DEFAULTS if siglip else _CLIP_DEFAULTS
+    v = {**defaults["vision"], **v}
+    t = {**defaults["text"], **t}
+    vision = VisionConfig(
+        image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"],
+        layers=v["num_hidden_layers"], heads=v["num_attention_heads"], mlp_dim=v["intermediate_size"],
+        act=_activation(v["hidden_act"]), norm_eps=v["layer_norm_eps"],
+        class_token=not siglip, pre_norm=not siglip, patch_bias=siglip, pool="map" if siglip else "cls",
+    )
+    eos = t.get("eos_token_id")
+    text = TextConfig(
+        vocab_size=t["vocab_size"], context_length=t["max_position_embeddings"], width=t["hidden_size"],
+        layers=t["num_hidden_layers"], heads=t["num_attention_heads"], mlp_dim=t["intermediate_size"],
+        act=_activation(t["hidden_act"]), norm_eps=t["layer_norm_eps"], causal=not siglip,
+        pool="last" if siglip else "eos",
+        # transformers treats eos_token_id == 2 as "legacy": pool at the highest token id.
+        eos_token_id=None if (not siglip and eos == 2) else eos,
+        pad_token_id=t.get("pad_token_id") if t.get("pad_token_id") is not None else (1 if siglip else 0),
+        proj_bias=siglip, cleaning="siglip" if siglip else "clip",
+    )
+    embed_dim = (t.get("projection_size") or t["hidden_size"]) if siglip else hf.get("projection_dim", 512)
+    config = ContrastiveConfig(
+        vision=vision, text=text, image=_image_config(directory, siglip), embed_dim=embed_dim,
+        vision_proj=not siglip, loss="sigmoid" if siglip else "softmax",
+        logit_scale_init=math.log(10) if siglip else hf.get("logit_scale_init_value", 2.6592),
+        logit_bias_init=-10.0 if siglip else None,
+    )
+    return config
+
+
+_CLIP_DEFAULTS = {
+    "vision": dict(image_size=224, patch_size=32, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                   intermediate_size=3072, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+    "text": dict(vocab_size=49408, max_position_embeddings=77, hidden_size=512, num_hidden_layers=12,
+                 num_attention_heads=8, intermediate_size=2048, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                 eos_token_id=49407, pad_token_id=1),
+}
+_SIGLIP_DEFAULTS = {
+    "vision": dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                   intermediate_size=3072, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+    "text": dict(vocab_size=32000, max_position_embeddings=64, hidden_size=768, num_hidden_layers=12,
+                 num_attention_heads=12, intermediate_size=3072, hidden_act="gelu_pytorch_tanh",
+                 layer_norm_eps=1e-6, eos_token_id=1, pad_token_id=1),
+}
+
+
+def _image_config(directory: Path, siglip: bool) -> ImageConfig:
+    path = directory / "preprocessor_config.json"
+    p: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    size = p.get("size", {})
+    squash = "height" in size if isinstance(size, dict) else siglip
+    return ImageConfig(
+        resize="squash" if squash else "shortest",
+        interpolation=_RESAMPLE.get(p.get("resample", 3), "bicubic"),
+        mean=tuple(p.get("image_mean", HALF if siglip else OPENAI_MEAN)),
+        std=tuple(p.get("image_std", HALF if siglip else OPENAI_STD)),
+    )
+
+
+def _encoder_rules(ours: str, theirs: str, layers: int) -> list[Rule]:
+    rules: list[Rule] = []
+    for i in range(layers):
+        o, t = f"{ours}.transformer.blocks.{i}", f"{theirs}.encoder.layers.{i}"
+        rules += linear(f"{o}.norm1", f"{t}.layer_norm1")
+        rules += linear(f"{o}.attn.qkv", (f"{t}.self_attn.q_proj", f"{t}.self_attn.k_proj", f"{t}.self_attn.v_proj"))
+        rules += linear(f"{o}.attn.out", f"{t}.self_attn.out_proj")
+        rules += linear(f"{o}.norm2", f"{t}.layer_norm2")
+        rules += linear(f"{o}.mlp.fc1", f"{t}.mlp.fc1")
+        rules += linear(f"{o}.mlp.fc2", f"{t}.mlp.fc2")
+    return rules
+
+
+def rules(config: ContrastiveConfig) -> list[Rule]:
+    """How our weights are named in a transformers CLIPModel (class token) or SiglipModel (attention pool)."""
+    siglip = config.vision.pool == "map"
+    v, t = "vision_model", "text_model"
+    out = [rule("vision.patch_embed.weight", f"{v}.embeddings.patch_embedding.weight")]
+    if config.vision.patch_bias:
+        out.append(rule("vision.patch_embed.bias", f"{v}.embeddings.patch_embedding.bias"))
+    if config.vision.class_token:
+        out.append(rule("vision.cls_token", f"{v}.embeddings.class_embedding"))
+    out.append(rule("vision.pos_embed", f"{v}.embeddings.position_embedding.weight"))
+    if config.vision.pre_norm:
+        out += linear("vision.norm_pre", f"{v}.pre_layrnorm")
+    out += _encoder_rules("vision", v, config.vision.layers)
+    out += linear("vision.norm", f"{v}.post_layernorm")
+    if siglip:
+        head = f"{v}.head"
+        out += [
+            rule("vision.pool.probe", f"{head}.probe"),
+            rule(("vision.pool.attn.q.weight", "vision.pool.attn.kv.weight"), f"{head}.attention.in_proj_weight"),
+            rule(("vision.pool.attn.q.bias", "vision.pool.attn.kv.bias"), f"{head}.attention.in_proj_bias"),
+        ]
+        out += linear("vision.pool.attn.out", f"{head}.attention.out_proj")
+        out += linear("vision.pool.norm", f"{head}.layernorm")
+        out += linear("vision.pool.mlp.fc1", f"{head}.mlp.fc1")
+        out += linear("vision.pool.mlp.fc2", f"{head}.mlp.fc2")
+    if config.vision_proj:
+        out.append(rule("vision_proj.weight", "visual_projection.weight"))
+    out += [
+        rule("text.token_embed.weight", f"{t}.embeddings.token_embedding.weight"),
+        rule("text.pos_embed", f"{t}.embeddings.position_embedding.weight"),
+    ]
+    out += _encoder_rules("text", t, config.text.layers)
+    out += linear("text.norm", f"{t}.final_layer_norm")
+    out += linear("text_proj", f"{t}.head" if siglip else "text_projection", bias=config.text.proj_bias)
+    out.append(rule("logit_scale", "logit_scale"))
+    if config.logit_bias_init is not None:
+        out.append(rule("logit_bias", "logit_bias"))
+    return out
+
+
+def export_config(config: ContrastiveConfig, eos_token_id: int, bos_token_id: int) -> dict[str, Any]:
+    """A transformers CLIPConfig for a model of CLIP's architecture."""
+    v, t = config.vision, config.text
+    compatible = (
+        v.pool == "cls" and v.class_token and v.pre_norm and not v.patch_bias and config.vision_proj
+        and t.causal and t.pool == "eos" and not t.proj_bias and config.loss == "softmax"
+    )
+    if not compatible:
+        raise RosettaError("only models of CLIP's architecture can be exported to transformers' CLIPModel")
+    to_hf = {ours: theirs for theirs, ours in ACTIVATIONS.items() if theirs != "gelu_new"}
+    return {
+        "architectures": ["CLIPModel"],
+        "model_type": "clip",
+        "projection_dim": config.embed_dim,
+        "logit_scale_init_value": config.logit_scale_init,
+        "text_config": {
+            "vocab_size": t.vocab_size, "max_position_embeddings": t.context_length, "hidden_size": t.width,
+            "num_hidden_layers": t.layers, "num_attention_heads": t.heads, "intermediate_size": t.mlp_dim,
+            "hidden_act": to_hf[t.act], "layer_norm_eps": t.norm_eps, "projection_dim": config.embed_dim,
+            "eos_token_id": eos_token_id, "bos_token_id": bos_token_id, "pad_token_id": t.pad_token_id,
+        },
+        "vision_config": {
+            "image_size": v.image_size, "patch_size": v.patch_size, "hidden_size": v.width,
+            "num_hidden_layers": v.layers, "num_attention_heads": v.heads, "intermediate_size": v.mlp_dim,
+            "hidden_act": to_hf[v.act], "layer_norm_eps": v.norm_eps, "projection_dim": config.embed_dim,
+        },
+    }
+
+
+def export_preprocessor(config: ContrastiveConfig) -> dict[str, Any]:
+    size = config.vision.image_size
+    squash = config.image.resize == "squash"
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": {"height": size, "width": size} if squash else {"shortest_edge": size},
+        "do_center_crop": not squash,
+        "crop_size": {"height": size, "width": size},
+        "resample": {name: code for code, name in _RESAMPLE.items()}[config.image.interpolation],
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(config.image.mean),
+        "image_std": list(config.image.std),
+        "do_convert_rgb": True,
+    }

@@ -1,0 +1,160 @@
+"""Images: load from anything a user holds, turn into RGB, preprocess into normalised pixels.
+
+Resizing uses Pillow's bicubic filter on 8-bit RGB, as the CLIP and SigLIP checkpoints were
+trained with (and as transformers' PIL image processors and open_clip do), so pixels match them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from rosetta.errors import InputError
+from rosetta.models.config import ImageConfig
+
+ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
+
+# Images above this many pixels are refused before decoding (decompression bombs).
+MAX_PIXELS = 64 * 1024 * 1024
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def describe(source: ImageInput) -> str:
+    """A short name for an input in error messages."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, bytes):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, np.ndarray):
+        return f"<array {tuple(source.shape)}>"
+    return f"<{type(source).__name__}>"
+
+
+def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode `source` into an RGB PIL image, or raise InputError naming it and the reason."""
+    name = describe(source)
+    if isinstance(source, np.ndarray):
+        return to_rgb(_from_array(source, name))
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise InputError(f"{name}: no such file")
+        if path.is_dir():
+            raise InputError(f"{name}: is a directory")
+        opened = path
+    elif isinstance(source, bytes):
+        opened = io.BytesIO(source)
+    else:
+        raise InputError(f"{name}: not an image (expected a path, bytes, PIL image or array)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(opened)
+            if image.width * image.height > max_pixels:
+                raise InputError(
+                    f"{name}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels} "
+                    "(possible decompression bomb)"
+                )
+            image.load()
+    except InputError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{name}: too many pixels (possible decompression bomb): {e}") from None
+    except Image.UnidentifiedImageError:
+        raise InputError(f"{name}: not an image file (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"{name}: corrupt or truncated image ({e})") from None
+    return to_rgb(image)
+
+
+def _from_array(array: np.ndarray, name: str) -> Image.Image:
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # CHW -> HWC
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise InputError(f"{name}: expected an HxW, HxWx3 or HxWx4 array")
+    if array.dtype != np.uint8:
+        if np.issubdtype(array.dtype, np.floating):
+            array = np.clip(array, 0.0, 1.0) * 255.0  # float images are taken to lie in [0, 1]
+        elif array.dtype == np.uint16:
+            array = array / 257.0
+        array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB upright as the camera saw it: EXIF orientation applied, transparency on white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return _high_depth_to_rgb(image)
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
+    array = np.asarray(image, dtype=np.float64)
+    if image.mode != "F":
+        array = array / 257  # 16-bit samples
+    elif array.max(initial=0.0) <= 1.0:
+        array = array * 255  # float samples in [0, 1]
+    return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8)).convert("RGB")
+
+
+def resize_and_crop(image: Image.Image, size: int, cfg: ImageConfig) -> Image.Image:
+    resample = _RESAMPLE[cfg.interpolation]
+    if cfg.resize == "squash":
+        return image.resize((size, size), resample=resample)
+    if cfg.resize != "shortest":
+        raise ValueError(f"unknown resize mode {cfg.resize!r} (expected shortest or squash)")
+    width, height = image.size
+    if width <= height:
+        new_width, new_height = size, int(size * height / width)
+    else:
+        new_width, new_height = int(size * width / height), size
+    if (new_width, new_height) != (width, height):
+        image = image.resize((new_width, new_height), resample=resample)
+    left, top = (new_width - size) // 2, (new_height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def preprocess(image: Image.Image, size: int, cfg: ImageConfig) -> torch.Tensor:
+    """An RGB image to normalised float32 pixels [3, size, size]."""
+    pixels = np.asarray(resize_and_crop(image, size, cfg), dtype=np.float32) * np.float32(1 / 255)
+    pixels = (pixels - np.asarray(cfg.mean, dtype=np.float32)) / np.asarray(cfg.std, dtype=np.float32)
+    return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
+
+
+def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand directories (recursively, sorted) into the image files they hold; keep files as given."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            found.append(p)
+    return found

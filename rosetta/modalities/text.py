@@ -1,0 +1,219 @@
+"""Text: a checkpoint's own tokenizer, run by the `tokenizers` library, into fixed-length id tensors.
+
+Three sources are understood: a `tokenizer.json` (any checkpoint saved by transformers or Rosetta),
+CLIP's BPE files (`vocab.json` + `merges.txt`), and a SentencePiece model (`spiece.model`, as SigLIP
+ships). Models trained from scratch use a byte-level tokenizer that needs no files at all.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import string
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from rosetta.errors import InputError
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def clean_clip(text: str) -> str:
+    """CLIP's text cleaning: repair mojibake, unescape HTML, collapse whitespace."""
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def clean_siglip(text: str) -> str:
+    """SigLIP's canonical form: lower case, punctuation removed, single spaces."""
+    return re.sub(r"\s+", " ", text.lower().translate(_PUNCTUATION)).strip()
+
+
+CLEANERS = {"clip": clean_clip, "siglip": clean_siglip, "none": lambda text: text}
+
+
+class TextTokenizer:
+    """Turns strings into `[N, context_length]` id tensors padded with `pad_id`.
+
+    Truncation is explicit: with `truncate=True` long texts are cut to fit (the end-of-text token is
+    kept); with `truncate=False` a text that does not fit raises InputError.
+    """
+
+    def __init__(self, backend: Tokenizer, context_length: int, pad_id: int, cleaning: str = "clip"):
+        if cleaning not in CLEANERS:
+            raise ValueError(f"unknown text cleaning {cleaning!r} (expected one of {sorted(CLEANERS)})")
+        self.backend = backend
+        self.context_length = context_length
+        self.pad_id = pad_id
+        self.clean = CLEANERS[cleaning]
+        self.backend.no_padding()
+        # tokenizers truncates the text, then adds start- and end-of-text: the pooled token survives.
+        self.backend.enable_truncation(context_length)
+
+    def encode(self, text: str, truncate: bool = True) -> list[int]:
+        encoding = self.backend.encode(self.clean(text))
+        if encoding.overflowing and not truncate:
+            raise InputError(
+                f"text {text[:40]!r}: longer than the context length of {self.context_length} tokens "
+                "(pass truncate=True to cut it)"
+            )
+        return encoding.ids
+
+    def __call__(self, texts: str | Sequence[str], truncate: bool = True) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        out = torch.full((len(texts), self.context_length), self.pad_id, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = self.encode(text, truncate=truncate)
+            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+    def save(self, directory: Path) -> None:
+        self.backend.save(str(Path(directory) / "tokenizer.json"))
+
+
+def byte_tokenizer() -> Tokenizer:
+    """Bytes 0-255, then start- and end-of-text: a tokenizer for models trained from scratch."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_to_char = _bytes_to_unicode()
+    vocab = {byte_to_char[b]: b for b in range(256)}
+    assert set(vocab) == set(alphabet)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([BOS, EOS])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, 256), (EOS, 257)]
+    )
+    return tok
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters, as ByteLevel uses."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1)
+    )
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def clip_bpe(vocab_file: Path, merges_file: Path) -> Tokenizer:
+    """CLIP's byte-level BPE (lower-cased, words end in `</w>`) from its vocab and merges files."""
+    vocab = json.loads(Path(vocab_file).read_text(encoding="utf-8"))
+    lines = Path(merges_file).read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+    tok = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", continuing_subword_prefix="",
+                   unk_token=EOS, fuse_unk=False)
+    )
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(
+            Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""), behavior="removed", invert=True
+        ),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([BOS, EOS])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
+    )
+    return tok
+
+
+def sentencepiece_unigram(model_file: Path, eos: str = "</s>") -> Tokenizer:
+    """A SentencePiece unigram model (`spiece.model`) as a `tokenizers` Unigram tokenizer + end-of-text."""
+    pieces, unk_id, charsmap = _read_sentencepiece(Path(model_file).read_bytes())
+    tok = Tokenizer(models.Unigram([(p, s) for p, s, _ in pieces], unk_id=unk_id, byte_fallback=False))
+    steps = [normalizers.Precompiled(charsmap)] if charsmap else []
+    tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    specials = [p for p, _, kind in pieces if kind in (2, 3)]  # UNKNOWN, CONTROL
+    tok.add_special_tokens(specials)
+    eos_id = next(i for i, (p, _, _) in enumerate(pieces) if p == eos)
+    tok.post_processor = processors.TemplateProcessing(single=f"$A {eos}", special_tokens=[(eos, eos_id)])
+    return tok
+
+
+def _read_sentencepiece(data: bytes) -> tuple[list[tuple[str, float, int]], int, bytes]:
+    """Parse the parts of SentencePiece's ModelProto we need: pieces (text, score, type) and the charsmap."""
+    pieces: list[tuple[str, float, int]] = []
+    charsmap = b""
+    for field, value in _protobuf_fields(data):
+        if field == 1:  # repeated SentencePiece
+            piece, score, kind = "", 0.0, 1
+            for f, v in _protobuf_fields(value):
+                if f == 1:
+                    piece = v.decode("utf-8")
+                elif f == 2:
+                    score = v
+                elif f == 3:
+                    kind = v
+            pieces.append((piece, score, kind))
+        elif field == 3:  # NormalizerSpec
+            for f, v in _protobuf_fields(value):
+                if f == 2:
+                    charsmap = v
+    unk_id = next((i for i, (_, _, kind) in enumerate(pieces) if kind == 2), 0)
+    return pieces, unk_id, charsmap
+
+
+def _protobuf_fields(data: bytes):
+    """Yield (field number, value) from protobuf wire format: varints as int, fixed32 as float, bytes."""
+    import struct
+
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(data, pos)
+        elif wire == 1:
+            value, pos = struct.unpack_from("<d", data, pos)[0], pos + 8
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            value, pos = data[pos : pos + length], pos + length
+        elif wire == 5:
+            value, pos = struct.unpack_from("<f", data, pos)[0], pos + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield field, value
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def load_tokenizer_files(directory: Path) -> Tokenizer | None:
+    """The tokenizer a checkpoint directory ships, in order of preference; None if it has none."""
+    directory = Path(directory)
+    if (directory / "tokenizer.json").exists():
+        return Tokenizer.from_file(str(directory / "tokenizer.json"))
+    if (directory / "vocab.json").exists() and (directory / "merges.txt").exists():
+        return clip_bpe(directory / "vocab.json", directory / "merges.txt")
+    if (directory / "spiece.model").exists():
+        return sentencepiece_unigram(directory / "spiece.model")
+    return None

@@ -1,0 +1,142 @@
+"""Model configurations: one frozen dataclass per tower, composed per family, plus named presets.
+
+A config is everything needed to rebuild a model and its input pipeline; it is saved as
+`config.json` beside the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+HALF = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """How an image becomes pixels: resize, crop, normalise (the model's image size is in VisionConfig)."""
+
+    resize: str = "shortest"  # "shortest": shortest side to size, then centre crop; "squash": both sides to size
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 32
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    act: str = "quick_gelu"
+    norm_eps: float = 1e-5
+    class_token: bool = True
+    pre_norm: bool = True  # CLIP normalises patch tokens before the first block; SigLIP does not
+    patch_bias: bool = False
+    pool: str = "cls"  # "cls", "mean" (over patch tokens) or "map" (attention pooling with a learned probe)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_dim: int = 2048
+    act: str = "quick_gelu"
+    norm_eps: float = 1e-5
+    causal: bool = True
+    pool: str = "eos"  # "eos" (first end-of-text token), "last" or "first"
+    eos_token_id: int | None = None  # None: the highest id in the sequence is end-of-text (CLIP's BPE)
+    pad_token_id: int = 0
+    proj_bias: bool = False
+    cleaning: str = "clip"  # text cleaning before tokenizing: "clip", "siglip" (lower case, no punctuation) or "none"
+
+
+@dataclass(frozen=True)
+class ContrastiveConfig:
+    """A two-tower image-text model trained with CLIP's softmax loss or SigLIP's sigmoid loss."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    embed_dim: int = 512
+    vision_proj: bool = True  # SigLIP's vision tower ends in its pooling head, without a projection
+    loss: str = "softmax"  # "softmax" (CLIP) or "sigmoid" (SigLIP)
+    logit_scale_init: float = math.log(1 / 0.07)
+    logit_bias_init: float | None = None  # SigLIP learns a bias beside the temperature
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ContrastiveConfig:
+        d = dict(d)
+        image = d.pop("image", {})
+        image = {k: tuple(v) if isinstance(v, list) else v for k, v in image.items()}
+        return cls(
+            vision=VisionConfig(**d.pop("vision", {})),
+            text=TextConfig(**d.pop("text", {})),
+            image=ImageConfig(**image),
+            **d,
+        )
+
+
+def _clip(vision: VisionConfig, text: TextConfig, embed_dim: int) -> ContrastiveConfig:
+    return ContrastiveConfig(vision=vision, text=text, embed_dim=embed_dim)
+
+
+_SIGLIP_VISION = VisionConfig(
+    image_size=224, patch_size=16, width=768, layers=12, heads=12, mlp_dim=3072, act="gelu_tanh",
+    norm_eps=1e-6, class_token=False, pre_norm=False, patch_bias=True, pool="map",
+)
+_SIGLIP_TEXT = TextConfig(
+    vocab_size=32000, context_length=64, width=768, layers=12, heads=12, mlp_dim=3072, act="gelu_tanh",
+    norm_eps=1e-6, causal=False, pool="last", eos_token_id=1, pad_token_id=1, proj_bias=True,
+    cleaning="siglip",
+)
+
+PRESETS: dict[str, ContrastiveConfig] = {
+    "vit-b-32": _clip(VisionConfig(patch_size=32), TextConfig(), 512),
+    "vit-b-16": _clip(VisionConfig(patch_size=16), TextConfig(), 512),
+    "vit-l-14": _clip(
+        VisionConfig(patch_size=14, width=1024, layers=24, heads=16, mlp_dim=4096),
+        TextConfig(width=768, heads=12, mlp_dim=3072),
+        768,
+    ),
+    "siglip-base-patch16-224": ContrastiveConfig(
+        vision=_SIGLIP_VISION,
+        text=_SIGLIP_TEXT,
+        image=ImageConfig(resize="squash", mean=HALF, std=HALF),
+        embed_dim=768,
+        vision_proj=False,
+        loss="sigmoid",
+        logit_scale_init=math.log(10),
+        logit_bias_init=-10.0,
+    ),
+    # Small enough to train and test in seconds on a laptop CPU; byte-level tokenizer ids fit its vocabulary.
+    "tiny": _clip(
+        VisionConfig(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp_dim=256, act="gelu"),
+        TextConfig(vocab_size=258, context_length=32, width=64, layers=2, heads=4, mlp_dim=256, act="gelu"),
+        64,
+    ),
+}
+
+# The checkpoint each preset name loads when pretrained weights are asked for.
+PRETRAINED: dict[str, str] = {
+    "vit-b-32": "openai/clip-vit-base-patch32",
+    "vit-b-16": "openai/clip-vit-base-patch16",
+    "vit-l-14": "openai/clip-vit-large-patch14",
+    "siglip-base-patch16-224": "google/siglip-base-patch16-224",
+}

@@ -1,0 +1,88 @@
+"""Encoders: from one modality's tensors to hidden states and a pooled vector."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rosetta.models.config import TextConfig, VisionConfig
+from rosetta.nn.transformer import MLP, CrossAttention, Transformer
+
+
+class AttentionPool(nn.Module):
+    """SigLIP's pooling head: a learned probe attends over all tokens, then a residual MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, act: str, norm_eps: float):
+        super().__init__()
+        self.probe = nn.Parameter(torch.zeros(1, 1, dim))
+        self.attn = CrossAttention(dim, heads)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = MLP(dim, mlp_dim, act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.attn(self.probe.expand(x.shape[0], -1, -1), x)
+        pooled = pooled + self.mlp(self.norm(pooled))
+        return pooled[:, 0]
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        width = cfg.width
+        self.patch_embed = nn.Conv2d(3, width, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
+        self.cls_token = nn.Parameter(torch.zeros(width)) if cfg.class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.num_patches + cfg.class_token, width))
+        self.norm_pre = nn.LayerNorm(width, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
+        self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_dim, cfg.act, cfg.norm_eps)
+        self.norm = nn.LayerNorm(width, eps=cfg.norm_eps)
+        if cfg.pool == "map":
+            self.pool = AttentionPool(width, cfg.heads, cfg.mlp_dim, cfg.act, cfg.norm_eps)
+        elif cfg.pool not in ("cls", "mean"):
+            raise ValueError(f"unknown vision pooling {cfg.pool!r}")
+        if cfg.pool == "cls" and not cfg.class_token:
+            raise ValueError("class-token pooling needs class_token=True")
+
+    def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised hidden states of every token, [N, T, width]."""
+        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], 1, -1), x], dim=1)
+        x = self.norm_pre(x + self.pos_embed)
+        return self.norm(self.transformer(x))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.tokens(pixels)
+        if self.cfg.pool == "cls":
+            return x[:, 0]
+        if self.cfg.pool == "mean":
+            return x[:, int(self.cfg.class_token):].mean(dim=1)
+        return self.pool(x)
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        if cfg.pool not in ("eos", "last", "first"):
+            raise ValueError(f"unknown text pooling {cfg.pool!r}")
+        self.cfg = cfg
+        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.context_length, cfg.width))
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_dim, cfg.act, cfg.norm_eps)
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+
+    def tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.token_embed(ids) + self.pos_embed[: ids.shape[1]]
+        return self.norm(self.transformer(x, causal=self.cfg.causal))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.tokens(ids)
+        if self.cfg.pool == "last":
+            return x[:, -1]
+        if self.cfg.pool == "first":
+            return x[:, 0]
+        if self.cfg.eos_token_id is None:
+            eos = ids.argmax(dim=-1)
+        else:
+            eos = (ids == self.cfg.eos_token_id).int().argmax(dim=-1)
+        return x[torch.arange(x.shape[0], device=x.device), eos]

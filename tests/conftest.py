@@ -1,0 +1,57 @@
+"""Shared fixtures: CLIP's BPE files built offline from the copy open_clip ships, and seeded randomness."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+CONTEXT_LENGTH = 77
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def write_clip_bpe(directory: Path) -> Path:
+    """Write vocab.json + merges.txt exactly as openai/clip-vit-* ship them, from open_clip's bundled BPE merges."""
+    import open_clip.tokenizer
+
+    lines = gzip.open(open_clip.tokenizer.default_bpe()).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    vocab = list(_bytes_to_unicode().values())
+    vocab += [v + "</w>" for v in vocab]
+    vocab += ["".join(merge) for merge in merges]
+    vocab += [BOS, EOS]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}), encoding="utf-8")
+    (directory / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
+    )
+    return directory
+
+
+@pytest.fixture(scope="session")
+def clip_bpe_dir(tmp_path_factory) -> Path:
+    """A directory holding only CLIP's vocab.json and merges.txt (49408 tokens)."""
+    return write_clip_bpe(tmp_path_factory.mktemp("clip_bpe"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
