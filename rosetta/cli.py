@@ -15,14 +15,15 @@ from pathlib import Path
 from rosetta.errors import InputError, RosettaError
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
     print(f"rosetta: {message}", file=sys.stderr)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, required: bool = True, purpose: str = "") -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", "-m", required=True,
-                   help="a preset (vit-b-32, siglip-base-patch16-224, tiny...), a hub repo id, or a model directory")
+    g.add_argument("--model", "-m", required=required,
+                   help="a preset (vit-b-32, siglip-base-patch16-224, tiny...), a hub repo id, or a model directory"
+                   + (f"; {purpose}" if purpose else ""))
     g.add_argument("--random-init", action="store_true",
                    help="build the preset with random weights instead of loading a checkpoint (no download)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda if available)")
@@ -31,7 +32,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass (default: 32)")
 
 
-def _model(args: argparse.Namespace):
+def model_from_args(args: argparse.Namespace):
     from rosetta.models.io import create, load, resolve_device, resolve_dtype
 
     if args.batch_size < 1:
@@ -42,7 +43,7 @@ def _model(args: argparse.Namespace):
     return create(args.model).to(device=device, dtype=resolve_dtype(args.dtype, device)).eval()
 
 
-def _decoded_images(inputs: Sequence[str], batch_size: int, failures: list[str]) -> Iterator[tuple[list[str], list]]:
+def decoded_images(inputs: Sequence[str], batch_size: int, failures: list[str]) -> Iterator[tuple[list[str], list]]:
     """Batches of (paths, RGB images) of the inputs that decode; the others are reported and counted."""
     from rosetta.modalities.image import find_images, load_image
 
@@ -52,7 +53,7 @@ def _decoded_images(inputs: Sequence[str], batch_size: int, failures: list[str])
             images.append(load_image(path))
             paths.append(str(path))
         except InputError as e:
-            _fail(str(e))
+            fail(str(e))
             failures.append(str(path))
         if len(images) == batch_size:
             yield paths, images
@@ -67,14 +68,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in (".npy", ".parquet"):
         raise RosettaError(f"--out {out}: use a .npy or .parquet file")
-    model = _model(args)
+    model = model_from_args(args)
     failures: list[str] = []
     if args.text:
         names = list(args.inputs)
         vectors = model.embed_texts(names, batch_size=args.batch_size).cpu().numpy()
     else:
         names, chunks = [], []
-        for paths, images in _decoded_images(args.inputs, args.batch_size, failures):
+        for paths, images in decoded_images(args.inputs, args.batch_size, failures):
             names += paths
             chunks.append(model.embed_images(images, batch_size=args.batch_size).cpu().numpy())
         vectors = np.concatenate(chunks) if chunks else np.zeros((0, model.config.embed_dim), np.float32)
@@ -108,11 +109,11 @@ def cmd_classify(args: argparse.Namespace) -> int:
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
     if not labels:
         raise RosettaError("--labels: give at least one label, e.g. --labels 'dog,cat,car'")
-    model = _model(args)
+    model = model_from_args(args)
     templates = args.template or args.templates
     classifier = model.classifier(labels, templates)
     failures: list[str] = []
-    for paths, images in _decoded_images(args.images, args.batch_size, failures):
+    for paths, images in decoded_images(args.images, args.batch_size, failures):
         probs = model.probabilities(model.embed_images(images, batch_size=args.batch_size), classifier)
         for path, row in zip(paths, probs.tolist()):
             best = max(range(len(labels)), key=row.__getitem__)
@@ -122,7 +123,13 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+# Modules that add their subcommands with `register(subparsers)`; each imports heavy things lazily.
+COMMAND_MODULES: list[str] = ["rosetta.data.commands", "rosetta.train.commands", "rosetta.eval.commands"]
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     from rosetta import __version__
 
     parser = argparse.ArgumentParser(
@@ -139,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or directories; strings with --text")
     p.add_argument("--text", action="store_true", help="the inputs are strings to embed, not image paths")
     p.add_argument("--out", "-o", required=True, help="output: .npy (array [N, D]) or .parquet (input + embedding)")
-    _add_model_args(p)
+    add_model_args(p)
     p.set_defaults(run=cmd_embed)
 
     p = sub.add_parser("classify", help="zero-shot classify images against labels you type",
@@ -151,21 +158,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt set: 'default' (a photo of a {}.) or 'imagenet' (CLIP's 80 prompts, ensembled)")
     p.add_argument("--template", action="append",
                    help="a custom prompt with {} for the label; repeat to ensemble (overrides --templates)")
-    _add_model_args(p)
+    add_model_args(p)
     p.set_defaults(run=cmd_classify)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # only `train` takes free --key=value overrides
+        if not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.run(args)
     except RosettaError as e:
-        _fail(str(e))
+        fail(str(e))
         return 2
     except ValueError as e:  # bad option values caught by the library (templates, presets)
-        _fail(str(e))
+        fail(str(e))
         return 2
     except KeyboardInterrupt:
-        _fail("interrupted")
+        fail("interrupted")
         return 130

@@ -93,8 +93,9 @@ _SIGLIP_DEFAULTS = {
 def _image_config(directory: Path, siglip: bool) -> ImageConfig:
     path = directory / "preprocessor_config.json"
     p: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    size = p.get("size", {})
-    squash = "height" in size if isinstance(size, dict) else siglip
+    size = p.get("size")
+    # {"height", "width"} squashes, {"shortest_edge"} resizes and crops; absent or a bare int: the family's default.
+    squash = "height" in size if isinstance(size, dict) and size else siglip
     return ImageConfig(
         resize="squash" if squash else "shortest",
         interpolation=_RESAMPLE.get(p.get("resample", 3), "bicubic"),

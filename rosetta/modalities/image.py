@@ -67,12 +67,16 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(opened)
-            if image.width * image.height > max_pixels:
-                raise InputError(
-                    f"{name}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels} "
-                    "(possible decompression bomb)"
-                )
-            image.load()
+            try:
+                if image.width * image.height > max_pixels:
+                    raise InputError(
+                        f"{name}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels} "
+                        "(possible decompression bomb)"
+                    )
+                image.load()
+            except BaseException:
+                image.close()  # do not leak the open file
+                raise
     except InputError:
         raise
     except Image.DecompressionBombError as e:
@@ -91,8 +95,14 @@ def _from_array(array: np.ndarray, name: str) -> Image.Image:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
         raise InputError(f"{name}: expected an HxW, HxWx3 or HxWx4 array")
+    if array.size == 0:
+        raise InputError(f"{name}: empty image")
     if array.dtype != np.uint8:
-        if np.issubdtype(array.dtype, np.floating):
+        if array.dtype == np.bool_:
+            array = array * 255.0  # a mask: True is white
+        elif np.issubdtype(array.dtype, np.floating):
+            if not np.isfinite(array).all():
+                raise InputError(f"{name}: NaN or infinite pixel values")
             array = np.clip(array, 0.0, 1.0) * 255.0  # float images are taken to lie in [0, 1]
         elif array.dtype == np.uint16:
             array = array / 257.0

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from rosetta.errors import InputError
 
@@ -36,7 +36,12 @@ def clean_siglip(text: str) -> str:
     return re.sub(r"\s+", " ", text.lower().translate(_PUNCTUATION)).strip()
 
 
-CLEANERS = {"clip": clean_clip, "siglip": clean_siglip, "none": lambda text: text}
+def clean_none(text: str) -> str:
+    return text
+
+
+# Module-level functions, so a tokenizer pickles into DataLoader workers.
+CLEANERS = {"clip": clean_clip, "siglip": clean_siglip, "none": clean_none}
 
 
 class TextTokenizer:
@@ -110,6 +115,23 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
+def train_bpe(texts: Sequence[str], vocab_size: int) -> Tokenizer:
+    """A lower-cased byte-level BPE learned from `texts`: short sequences for a model trained from scratch."""
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[BOS, EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, tok.token_to_id(BOS)), (EOS, tok.token_to_id(EOS))]
+    )
+    return tok
+
+
 def clip_bpe(vocab_file: Path, merges_file: Path) -> Tokenizer:
     """CLIP's byte-level BPE (lower-cased, words end in `</w>`) from its vocab and merges files."""
     vocab = json.loads(Path(vocab_file).read_text(encoding="utf-8"))
@@ -141,7 +163,12 @@ def sentencepiece_unigram(model_file: Path, eos: str = "</s>") -> Tokenizer:
     pieces, unk_id, charsmap = _read_sentencepiece(Path(model_file).read_bytes())
     tok = Tokenizer(models.Unigram([(p, s) for p, s, _ in pieces], unk_id=unk_id, byte_fallback=False))
     steps = [normalizers.Precompiled(charsmap)] if charsmap else []
-    tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(Regex(" {2,}"), " ")])
+    # A literal "▁" is a space to SentencePiece. Its normalizer can turn characters into spaces (zero-width ones,
+    # for example); like SentencePiece, drop those at either end and collapse runs, or they become "▁" tokens.
+    tok.normalizer = normalizers.Sequence([
+        normalizers.Replace("▁", " "), *steps, normalizers.Replace(Regex(r"\A +| +\z"), ""),
+        normalizers.Replace(Regex(" {2,}"), " "),
+    ])
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     specials = [p for p, _, kind in pieces if kind in (2, 3)]  # UNKNOWN, CONTROL

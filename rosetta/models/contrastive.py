@@ -87,9 +87,15 @@ class ContrastiveModel(nn.Module):
         """Token ids [N, L] to unnormalised text features [N, D]."""
         return self.text_proj(self.text(ids))
 
-    def forward(self, pixels: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """L2-normalised image and text features, as the contrastive losses take them."""
-        return F.normalize(self.encode_image(pixels), dim=-1), F.normalize(self.encode_text(ids), dim=-1)
+    def forward(
+        self, pixels: torch.Tensor, ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What the contrastive losses take: L2-normalised image and text features, log temperature, bias.
+
+        The scalars come out of forward so that DDP and FSDP see every trained parameter used in it.
+        """
+        image = F.normalize(self.encode_image(pixels), dim=-1)
+        return image, F.normalize(self.encode_text(ids), dim=-1), self.logit_scale, self.logit_bias
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """Image-by-text logits [N, M] from normalised features, with the learned temperature (and bias)."""

@@ -156,8 +156,12 @@ def save_model(model: ContrastiveModel, directory: Path, format: str = FORMAT) -
         write_safetensors(to_theirs(hf.rules(model.config), state), directory / "model.safetensors")
         write_json(directory / "config.json", config)
         write_json(directory / "preprocessor_config.json", hf.export_preprocessor(model.config))
+        # transformers' CLIPTokenizer rebuilds CLIP's BPE from tokenizer.json; any other tokenizer (the byte-level
+        # one of models trained from scratch) loads as it is written.
+        clip = getattr(backend.model, "end_of_word_suffix", None) == "</w>"
         write_json(directory / "tokenizer_config.json", {
-            "tokenizer_class": "CLIPTokenizer", "model_max_length": model.config.text.context_length,
+            "tokenizer_class": "CLIPTokenizer" if clip else "PreTrainedTokenizerFast",
+            "model_max_length": model.config.text.context_length,
             "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS,
         })
     else:

@@ -1,0 +1,141 @@
+"""Training-step throughput: Rosetta vs open_clip on the same ViT-B/32 CLIP, random weights and data, one process.
+
+    python benchmarks/train.py [--batch-size 16] [--steps 3]
+
+Both models start from the same weights (open_clip's, converted), take AdamW steps on the same
+batches, and print samples/s: open_clip in fp32 and with bf16 autocast (its fast path), Rosetta in
+fp32 and in its fast path (`precision` bf16 where the hardware multiplies bf16 natively, else
+fp32). It also checks that the fp32 losses of the two match step by step, and prints Rosetta's MFU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import torch
+
+import rosetta
+from rosetta.convert import open_clip as oc
+from rosetta.convert.mapping import to_ours
+from rosetta.models.io import cpu_has_fast_bf16
+from rosetta.train.flops import peak_flops, train_flops
+from rosetta.train.losses import clip_loss
+
+
+def open_clip_config() -> rosetta.ContrastiveConfig:
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import open_clip
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = {"model_cfg": open_clip.get_model_config("ViT-B-32-quickgelu")}
+        (Path(tmp) / oc.CONFIG_FILE).write_text(json.dumps(cfg))
+        return oc.read_config(Path(tmp))
+
+
+def run(step, batches, autocast: torch.dtype | None) -> tuple[float, list[float]]:
+    losses = []
+    ctx = (lambda: torch.autocast("cpu", dtype=autocast)) if autocast else contextlib.nullcontext
+    with ctx():
+        losses.append(step(*batches[0]))  # warm-up
+    start = time.perf_counter()
+    for batch in batches[1:]:
+        with ctx():
+            losses.append(step(*batch))
+    seconds = time.perf_counter() - start
+    return (len(batches) - 1) * batches[0][0].shape[0] / seconds, losses
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    args = parser.parse_args()
+
+    import open_clip
+    from open_clip.loss import ClipLoss
+
+    torch.manual_seed(0)
+    peer = open_clip.create_model("ViT-B-32-quickgelu")
+    config = open_clip_config()
+    initial_peer = {k: v.clone() for k, v in peer.state_dict().items()}
+
+    def fresh_ours() -> rosetta.ContrastiveModel:
+        with torch.device("meta"):
+            model = rosetta.ContrastiveModel(config)
+        shapes = {k: v.shape for k, v in model.state_dict().items()}
+        model.load_state_dict(to_ours(oc.rules(config, set(initial_peer)), initial_peer, shapes, "open_clip"),
+                              assign=True)
+        return model.train()
+
+    def fresh_peer():
+        peer.load_state_dict(initial_peer)
+        return peer.train()
+
+    batches = [(torch.randn(args.batch_size, 3, 224, 224), torch.randint(1, 49406, (args.batch_size, 77)))
+               for _ in range(args.steps + 1)]
+    for _, ids in batches:
+        ids[:, -1] = 49407  # end-of-text, pooled by both
+
+    def ours_step(model, optimizer):
+        def step(pixels, ids):
+            image, text, scale, _ = model(pixels, ids)
+            loss = clip_loss(image.float(), text.float(), scale.float())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.item()
+        return step
+
+    def peer_step(model, optimizer):
+        criterion = ClipLoss()
+
+        def step(pixels, ids):
+            out = model(pixels, ids)
+            loss = criterion(out["image_features"], out["text_features"], out["logit_scale"])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.item()
+        return step
+
+    def adamw(model):
+        return torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    fast = torch.bfloat16 if cpu_has_fast_bf16() else None
+    print(f"threads: {torch.get_num_threads()}, cpu: {torch.backends.cpu.get_cpu_capability()}, native bf16: "
+          f"{cpu_has_fast_bf16()}, Rosetta fast path: {'bf16 autocast' if fast else 'fp32'}")
+    print(f"ViT-B/32 CLIP, batch {args.batch_size}, {args.steps} timed steps each\n")
+    m = fresh_peer()
+    peer_fp32, peer_losses = run(peer_step(m, adamw(m)), batches, None)
+    m = fresh_peer()
+    peer_bf16, _ = run(peer_step(m, adamw(m)), batches, torch.bfloat16)
+    m = fresh_ours()
+    ours_fp32, our_losses = run(ours_step(m, adamw(m)), batches, None)
+    if fast:
+        m = fresh_ours()
+        ours_fast, _ = run(ours_step(m, adamw(m)), batches, fast)
+    else:
+        ours_fast = ours_fp32
+
+    rows = [("open_clip fp32", peer_fp32), ("open_clip bf16 autocast", peer_bf16), ("rosetta fp32", ours_fp32),
+            ("rosetta fast path", ours_fast)]
+    for name, value in rows:
+        print(f"{name:26s} {value:7.2f} samples/s   x{value / peer_bf16:.2f} vs open_clip bf16   "
+              f"x{value / peer_fp32:.2f} vs open_clip fp32")
+    mfu = train_flops(config) * ours_fast / peak_flops(torch.device("cpu"), fast or torch.float32)
+    print(f"\nRosetta MFU (fast path): {mfu:.1%} of this CPU's {peak_flops(torch.device('cpu'), torch.float32) / 1e9:.0f}"
+          " GFLOP/s fp32 peak")
+    diffs = [abs(a - b) for a, b in zip(our_losses, peer_losses)]
+    print("fp32 losses, step by step:")
+    for i, (a, b) in enumerate(zip(our_losses, peer_losses)):
+        print(f"  step {i}: rosetta {a:.6f}  open_clip {b:.6f}")
+    print(f"max |difference|: {max(diffs):.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""`rosetta eval` (zero-shot classification, retrieval, compositionality on a dataset) and `rosetta plot`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rosetta.cli import add_model_args, fail, model_from_args
+from rosetta.errors import RosettaError
+
+TASK_CHOICES = ("zeroshot", "retrieval", "compositionality", "all")
+MANIFEST_SUFFIXES = (".jsonl", ".parquet", ".csv", ".tsv")  # looked for in this order
+# What each task needs in a record, for the error when no record has it.
+NEEDS = {"zeroshot": "a label", "retrieval": "a caption (text)", "compositionality": "a hard negative (negative)"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="zero-shot classification, image-text retrieval and compositionality on a dataset",
+        description="Evaluate a model on a dataset: zero-shot classification (records with a label), image-text "
+                    "retrieval recall (records with a caption) and compositionality (records with a hard-negative "
+                    "caption). Prints a table; --out writes the metrics as CLIP_benchmark lays out its results.")
+    p.add_argument("--data", "-d", required=True, metavar="DIR_OR_MANIFEST",
+                   help="a dataset directory (reads SPLIT.jsonl, .parquet, .csv or .tsv, and classes.json if there) "
+                        "or a manifest file (and classes.json beside it)")
+    p.add_argument("--task", "-t", default="all", choices=TASK_CHOICES,
+                   help="what to measure (default: all that the records allow)")
+    p.add_argument("--split", default="test", help="which split of a dataset directory (default: test)")
+    p.add_argument("--templates", default="default",
+                   help="zero-shot prompts: 'default' (a photo of a {}.), 'imagenet' (CLIP's 80, ensembled) "
+                        "or one prompt with {} for the class name")
+    p.add_argument("--out", "-o", metavar="JSON", help="also write the results to this JSON file")
+    add_model_args(p)
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("plot", help="draw a training run's curves to PNG",
+                       description="Draw RUN_DIR/metrics.jsonl (loss, learning rate, throughput, validation metrics) "
+                                   "into RUN_DIR/plots/*.png and print the files' paths.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's directory (holding metrics.jsonl)")
+    p.set_defaults(run=cmd_plot)
+
+
+def dataset_files(data: Path, split: str) -> tuple[Path, list[str] | None]:
+    """The manifest to read and the class names (classes.json beside it), for a directory or a manifest."""
+    if data.is_dir():
+        manifests = [data / f"{split}{suffix}" for suffix in MANIFEST_SUFFIXES]
+        manifest = next((m for m in manifests if m.is_file()), None)
+        if manifest is None:
+            names = ", ".join(f"{split}{suffix}" for suffix in MANIFEST_SUFFIXES)
+            raise RosettaError(f"{data}: none of {names} (choose the split with --split)")
+    elif data.is_file():
+        manifest = data
+    else:
+        raise RosettaError(f"{data}: no such file or directory")
+    path = manifest.parent / "classes.json"
+    if not path.is_file():
+        return manifest, None
+    try:
+        classes = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RosettaError(f"{path}: cannot read ({e})") from None
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c.strip() for c in classes):
+        raise RosettaError(f"{path}: expected a JSON list of class names")
+    return manifest, classes
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rosetta.data.records import read_records
+    from rosetta.eval import TASKS, ImageEmbeddings, evaluate, format_table, write_results
+
+    manifest, classes = dataset_files(Path(args.data), args.split)
+    records = list(read_records(manifest))
+    if not records:
+        raise RosettaError(f"{manifest}: no records")
+    tasks = TASKS if args.task == "all" else (args.task,)
+    model = model_from_args(args)
+    failures: list[str] = []
+
+    def skip(error: Exception) -> None:
+        fail(str(error))
+        failures.append(str(error))
+
+    images = ImageEmbeddings(model, args.batch_size, on_error=skip)
+    results = evaluate(model, records, tasks, classes, args.templates, args.batch_size, images)
+    if not results:
+        needs = " or ".join(NEEDS[task] for task in tasks)
+        raise RosettaError(f"{manifest}: no record has {needs} to evaluate {args.task}")
+    print(format_table(results), flush=True)
+    if args.out:
+        meta = {"dataset": str(args.data), "model": args.model, "templates": args.templates}
+        if Path(args.data).is_dir():
+            meta["split"] = args.split
+        print(f"wrote {write_results(args.out, results, meta)}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from rosetta.eval.plot import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0

@@ -1,0 +1,105 @@
+"""Training recipes: a YAML file read into a dataclass, with `--key=value` overrides from the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rosetta.errors import RosettaError
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # a manifest, a folder of captioned images, or a folder of shards
+    val: str | None = None  # evaluated during training (zero-shot needs "label" columns and classes)
+    classes: str | None = None  # JSON list of class names for zero-shot evaluation
+    workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    model: str = "tiny"  # a preset (trained from scratch) or anything rosetta.load opens (fine-tuned)
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {vision: {image_size: 64}}
+    tokenizer_vocab: int | None = None  # train a BPE of this size on the training captions (from scratch only)
+    data: DataConfig = field(default_factory=DataConfig)
+    out: str = "runs/default"
+    loss: str | None = None  # "softmax" (CLIP) or "sigmoid" (SigLIP); default: the model's own
+    batch_size: int = 64  # global: across processes and accumulation steps, one optimiser step
+    accum_steps: int = 1
+    epochs: float = 1.0
+    lr: float = 5e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    grad_clip: float | None = 1.0
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast); "fp16" (autocast + grad scaler) on CUDA
+    grad_checkpointing: bool = False
+    lock_image: bool = False  # LiT: train only the text tower against a frozen image tower
+    lock_text: bool = False
+    distributed: str = "ddp"  # "ddp" or "fsdp" when launched with torchrun
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # steps; 0: at the end of each epoch
+    checkpoint_every: int = 0  # steps; 0: only at the end
+    keep_checkpoints: int = 2
+    peak_tflops: float | None = None  # the device's peak, for MFU; measured or looked up when unset
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_GROUPS = {"data": DataConfig}
+
+
+def _build(cls, values: dict[str, Any], where: str):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise RosettaError(f"{where}{key}: unknown setting (known: {', '.join(known)})")
+        if key in _GROUPS:
+            value = _build(_GROUPS[key], value or {}, f"{where}{key}.")
+        elif key == "betas":
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+        if not isinstance(tree, dict):
+            raise RosettaError(f"--{dotted}: {part} is not a group of settings")
+    tree[leaf] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a recipe and apply `key=value` overrides (dotted keys reach into groups: data.train=...)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise RosettaError(f"{path}: no such config file")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RosettaError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    for override in overrides:
+        key, sep, raw = override.removeprefix("--").partition("=")
+        if not sep:
+            raise RosettaError(f"{override}: overrides are written key=value, e.g. --lr=1e-4")
+        _set(values, key, yaml.safe_load(raw))
+    config = _build(TrainConfig, values, "")
+    if config.batch_size % config.accum_steps:
+        raise RosettaError(f"batch_size {config.batch_size} is not divisible by accum_steps {config.accum_steps}")
+    if config.precision not in ("fp32", "bf16", "fp16"):
+        raise RosettaError(f"precision {config.precision!r}: expected fp32, bf16 or fp16")
+    return config

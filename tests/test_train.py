@@ -1,0 +1,200 @@
+"""The trainer end to end on a small built-in dataset: equivalences, distribution, resume, faults."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rosetta
+from rosetta.errors import RosettaError
+from rosetta.train.config import load_config
+from rosetta.train.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    from rosetta.data.builtin import make_shapes
+
+    out = tmp_path_factory.mktemp("shapes")
+    make_shapes(out, n=160, seed=0, image_size=32)
+    return out
+
+
+def recipe(shapes: Path, out: Path, **settings) -> Path:
+    values = {
+        "model": "tiny", "data": {"train": str(shapes / "train.jsonl"), "val": str(shapes / "val.jsonl"),
+                                  "classes": str(shapes / "classes.json"), "workers": 0},
+        "out": str(out), "batch_size": 16, "epochs": 1, "lr": 1e-3, "warmup_steps": 2, "log_every": 1,
+        "device": "cpu", **settings,
+    }
+    path = out.with_suffix(".yaml")
+    path.write_text(json.dumps(values))
+    return path
+
+
+def losses(run: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["split"] == "train"]
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(model_dir / "model.safetensors")
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 1e-6) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=atol, rtol=0, msg=key)
+
+
+def test_training_learns_and_leaves_a_loadable_model(shapes, tmp_path):
+    final = train(load_config(recipe(shapes, tmp_path / "run", epochs=3)))
+    trajectory = losses(tmp_path / "run")
+    assert len(trajectory) == 3 * (128 // 16)
+    assert sum(trajectory[-3:]) / 3 < sum(trajectory[:3]) / 3
+    model = rosetta.load(final)
+    assert model.embed_texts(["a red circle"]).shape == (1, 64)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if r["split"] == "val"]
+    assert len(val) == 3 and "acc1" in val[-1] and "mfu" in rows[0] and rows[0]["samples_per_s"] > 0
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_accumulation_keeps_the_contrastive_batch(shapes, tmp_path):
+    """Two accumulation steps of 8 train exactly as one batch of 16 (features cached across micro-batches)."""
+    one = train(load_config(recipe(shapes, tmp_path / "one")))
+    two = train(load_config(recipe(shapes, tmp_path / "two", accum_steps=2)))
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), abs=1e-5)
+    assert_same_weights(one, two, atol=1e-4)  # float summation order differs; Adam steps are 1e-3
+
+
+def test_sigmoid_loss_and_locked_image_tower(shapes, tmp_path):
+    final = train(load_config(recipe(shapes, tmp_path / "lit", loss="sigmoid", lock_image=True)))
+    model = rosetta.load(final)
+    assert model.config.loss == "sigmoid" and model.logit_bias is not None
+    torch.manual_seed(0)  # the recipe's seed: the run started from these weights
+    start = rosetta.create("tiny")
+    for name, p in model.vision.state_dict().items():
+        torch.testing.assert_close(p, start.vision.state_dict()[name], msg=name)
+    torch.testing.assert_close(model.vision_proj.weight, start.vision_proj.weight)
+    assert not torch.equal(model.text.token_embed.weight, start.text.token_embed.weight)
+
+
+def test_fine_tune_from_a_saved_model(shapes, tmp_path):
+    first = train(load_config(recipe(shapes, tmp_path / "first")))
+    second = train(load_config(recipe(shapes, tmp_path / "second", model=str(first), lr=1e-4)))
+    assert losses(tmp_path / "second")[0] < losses(tmp_path / "first")[0]
+    assert rosetta.load(second).config == rosetta.load(first).config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "rosetta", *args]
+
+
+def test_two_processes_follow_the_one_process_trajectory(shapes, tmp_path):
+    single = train(load_config(recipe(shapes, tmp_path / "single")))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "rosetta", "train", str(recipe(shapes, tmp_path / "ddp"))]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), abs=1e-4)
+    assert_same_weights(single, tmp_path / "ddp" / "model", atol=1e-4)
+
+
+def test_sigkill_and_resume_ends_with_the_same_weights(shapes, tmp_path):
+    settings = {"epochs": 12, "checkpoint_every": 5, "eval_every": 1000}
+    reference = train(load_config(recipe(shapes, tmp_path / "reference", **settings)))
+
+    run = tmp_path / "killed"
+    config = recipe(shapes, run, **settings)
+    proc = subprocess.Popen(_cli("train", str(config)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = run / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + 120
+    while not pointer.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    killed_at = json.loads(pointer.read_text())["step"]
+    assert killed_at < 12 * 8
+
+    out = subprocess.run(_cli("train", str(config), "--resume"), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"(step {killed_at})" in out.stdout
+    assert_same_weights(reference, run / "model")
+    assert losses(run) == pytest.approx(losses(tmp_path / "reference"), abs=1e-6)
+
+
+def test_unreadable_sample_is_a_clear_error(shapes, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    records = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    broken = data / records[5]["image"]
+    broken.write_bytes(broken.read_bytes()[:50])
+    config = recipe(data, tmp_path / "run")
+    with pytest.raises(RosettaError, match=f"{broken.name}.*rosetta data clean"):
+        train(load_config(config))
+
+
+def test_disk_full_keeps_the_previous_checkpoint(shapes, tmp_path, monkeypatch):
+    from rosetta.train import checkpoint
+
+    run = tmp_path / "run"
+    real_save = checkpoint.save
+    calls = []
+
+    def save_then_fill_disk(run_dir, step, model, state, keep=2):
+        calls.append(step)
+        if len(calls) == 2:
+            monkeypatch.setattr(checkpoint, "atomic_write", _no_space)
+        return real_save(run_dir, step, model, state, keep)
+
+    monkeypatch.setattr(checkpoint, "save", save_then_fill_disk)
+    with pytest.raises(RosettaError, match="No space left on device.*step-00000004.*intact"):
+        train(load_config(recipe(shapes, run, checkpoint_every=4)))
+    assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] == 4
+    assert rosetta.load(run / "checkpoints" / "step-00000004") is not None
+    assert not list((run / "checkpoints").glob(".*partial"))
+
+
+def _no_space(path, write):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_recipes_parse():
+    recipes = sorted((REPO / "configs").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        load_config(path)
+
+
+def test_overrides_and_bad_settings(tmp_path):
+    config = load_config(None, ["--lr=0.01", "data.workers=3", "betas=[0.9, 0.95]"])
+    assert config.lr == 0.01 and config.data.workers == 3 and config.betas == (0.9, 0.95)
+    with pytest.raises(RosettaError, match="unknown setting"):
+        load_config(None, ["--learning_rate=1"])
+    with pytest.raises(RosettaError, match="no such config"):
+        load_config(tmp_path / "missing.yaml")
