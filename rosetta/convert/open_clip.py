@@ -35,7 +35,7 @@ def read_config(directory: Path) -> ContrastiveConfig:
         for key, what in _UNSUPPORTED.items():
             if cfg.get(key):
                 raise RosettaError(f"{directory}: this open_clip model uses {what}, which Rosetta does not load yet")
-    act = "quick_gelu" if model.get("quick_gelu") else "gelu"
+    quick_gelu = bool(model.get("quick_gelu"))
     width = vc.get("width", 768)
     pool = {"tok": "cls", "avg": "mean"}.get(vc.get("pool_type", "tok"))
     if pool is None or (pool == "mean" and vc.get("final_ln_after_pool")):
@@ -43,8 +43,8 @@ def read_config(directory: Path) -> ContrastiveConfig:
     vision = VisionConfig(
         image_size=_size(vc.get("image_size", 224)), patch_size=vc.get("patch_size", 16), width=width,
         layers=vc.get("layers", 12), heads=width // vc.get("head_width", 64),
-        mlp_dim=int(width * vc.get("mlp_ratio", 4.0)), act=act, class_token=True,
-        pre_norm=not vc.get("no_ln_pre", False), pool=pool,
+        mlp_dim=int(width * vc.get("mlp_ratio", 4.0)), act=_activation(quick_gelu, vc), norm_eps=_norm_eps(vc),
+        class_token=True, pre_norm=not vc.get("no_ln_pre", False), pool=pool,
     )
     text_pool = {"argmax": "eos", "last": "last", "first": "first"}.get(tc.get("pool_type", "argmax"))
     if text_pool is None:
@@ -53,8 +53,8 @@ def read_config(directory: Path) -> ContrastiveConfig:
     text = TextConfig(
         vocab_size=tc.get("vocab_size", 49408), context_length=tc.get("context_length", 77), width=text_width,
         layers=tc.get("layers", 12), heads=tc.get("heads", 8), mlp_dim=int(text_width * tc.get("mlp_ratio", 4.0)),
-        act=act, causal=not tc.get("no_causal_mask", False), pool=text_pool, eos_token_id=None,
-        pad_token_id=tc.get("pad_id", 0), proj_bias=tc.get("proj_bias", False),
+        act=_activation(quick_gelu, tc), norm_eps=_norm_eps(tc), causal=not tc.get("no_causal_mask", False),
+        pool=text_pool, eos_token_id=None, pad_token_id=tc.get("pad_id", 0), proj_bias=tc.get("proj_bias", False),
     )
     pre = raw.get("preprocess_cfg", {})
     resize = {"shortest": "shortest", "squash": "squash"}.get(pre.get("resize_mode", "shortest"))
@@ -62,13 +62,24 @@ def read_config(directory: Path) -> ContrastiveConfig:
         raise RosettaError(f"{directory}: open_clip resize mode {pre.get('resize_mode')!r} is not supported")
     image = ImageConfig(
         resize=resize, interpolation=pre.get("interpolation", "bicubic"),
-        mean=tuple(pre.get("mean", OPENAI_MEAN)), std=tuple(pre.get("std", OPENAI_STD)),
+        mean=tuple(pre.get("mean", OPENAI_MEAN)), std=tuple(pre.get("std", OPENAI_STD)), crop_offset="round",
     )
     bias = model.get("init_logit_bias")
     return ContrastiveConfig(
         vision=vision, text=text, image=image, embed_dim=model.get("embed_dim", 512),
         loss="sigmoid" if bias is not None else "softmax", logit_bias_init=bias,
     )
+
+
+def _activation(quick_gelu: bool, tower: dict[str, Any]) -> str:
+    if quick_gelu:
+        return "quick_gelu"
+    # open_clip passes a tower's act_kwargs to nn.GELU: {"approximate": "tanh"} is the tanh approximation.
+    return "gelu_tanh" if (tower.get("act_kwargs") or {}).get("approximate") == "tanh" else "gelu"
+
+
+def _norm_eps(tower: dict[str, Any]) -> float:
+    return (tower.get("norm_kwargs") or {}).get("eps", 1e-5)  # open_clip's LayerNorm takes the tower's norm_kwargs
 
 
 def _size(value: int | list[int]) -> int:

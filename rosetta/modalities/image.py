@@ -148,7 +148,13 @@ def resize_and_crop(image: Image.Image, size: int, cfg: ImageConfig) -> Image.Im
         new_width, new_height = int(size * width / height), size
     if (new_width, new_height) != (width, height):
         image = image.resize((new_width, new_height), resample=resample)
-    left, top = (new_width - size) // 2, (new_height - size) // 2
+    margins = (new_width - size, new_height - size)
+    if cfg.crop_offset == "round":
+        left, top = (round(margin / 2) for margin in margins)
+    elif cfg.crop_offset == "floor":
+        left, top = (margin // 2 for margin in margins)
+    else:
+        raise ValueError(f"unknown crop offset {cfg.crop_offset!r} (expected floor or round)")
     return image.crop((left, top, left + size, top + size))
 
 

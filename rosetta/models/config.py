@@ -24,6 +24,9 @@ class ImageConfig:
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
+    # Where the centre crop starts when the margin is odd: "floor" as transformers' image processors do,
+    # "round" (half to even) as torchvision's CenterCrop in open_clip's transforms.
+    crop_offset: str = "floor"
 
 
 @dataclass(frozen=True)

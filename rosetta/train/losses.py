@@ -12,8 +12,12 @@ import torch.nn.functional as F
 
 from rosetta.train.distributed import World, gather_with_grad
 
+SINGLE = World()  # one process
 
-def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, world: World = World()) -> torch.Tensor:
+
+def clip_loss(
+    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, world: World = SINGLE
+) -> torch.Tensor:
     """Symmetric cross-entropy over image-text similarities; the i-th image matches the i-th text."""
     all_image, all_text = gather_with_grad(image, world), gather_with_grad(text, world)
     labels = torch.arange(image.shape[0], device=image.device) + image.shape[0] * world.rank
@@ -25,7 +29,7 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
 
 def siglip_loss(
     image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
-    world: World = World(),
+    world: World = SINGLE,
 ) -> torch.Tensor:
     """Binary log-loss on every image-text pair: +1 for a match, -1 otherwise; summed, per image."""
     all_text = gather_with_grad(text, world)
@@ -38,7 +42,7 @@ def siglip_loss(
 
 def contrastive_loss(
     kind: str, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-    logit_bias: torch.Tensor | None, world: World = World(),
+    logit_bias: torch.Tensor | None, world: World = SINGLE,
 ) -> torch.Tensor:
     image, text = image.float(), text.float()
     if kind == "softmax":

@@ -136,7 +136,7 @@ class Trainer:
         self.train_records = [r for r in read_records(cfg.data.train) if r.get("text") and r.get("image") is not None]
         if len(self.train_records) < cfg.batch_size:
             raise RosettaError(
-                f"{cfg.data.train}: {len(self.train_records)} captioned images, fewer than one batch of {cfg.batch_size}"
+                f"{cfg.data.train}: {len(self.train_records)} captioned images, fewer than a batch ({cfg.batch_size})"
             )
         self.val_records = list(read_records(cfg.data.val)) if cfg.data.val else []
         self.classes = json.loads(Path(cfg.data.classes).read_text()) if cfg.data.classes else None
@@ -311,7 +311,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(json.dumps(cfg.to_dict(), indent=2))
         log = MetricsLog(self.run_dir, enabled=self.world.is_main, resume_step=self.step if resume else None)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
-                   disable=not self.world.is_main or None, dynamic_ncols=True)
+                   disable=not self.world.is_main, dynamic_ncols=True, mininterval=2.0)
         self.model.train()
         try:
             while self.step < self.total_steps:
