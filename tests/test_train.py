@@ -111,15 +111,39 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "rosetta", *args]
 
 
-def test_two_processes_follow_the_one_process_trajectory(shapes, tmp_path):
-    single = train(load_config(recipe(shapes, tmp_path / "single")))
+def torchrun(config: Path, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "-m", "rosetta", "train", str(recipe(shapes, tmp_path / "ddp"))]
+           "-m", "rosetta", "train", str(config), *args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
-    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), abs=1e-4)
-    assert_same_weights(single, tmp_path / "ddp" / "model", atol=1e-4)
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_follow_the_one_process_trajectory(shapes, tmp_path, strategy):
+    single = train(load_config(recipe(shapes, tmp_path / "single")))
+    torchrun(recipe(shapes, tmp_path / strategy, distributed=strategy))
+    assert losses(tmp_path / strategy) == pytest.approx(losses(tmp_path / "single"), abs=1e-4)
+    assert_same_weights(single, tmp_path / strategy / "model", atol=1e-4)
+
+
+def test_fsdp_resume_continues_the_trajectory(shapes, tmp_path):
+    """A sharded run rewound to its step-8 checkpoint and resumed follows the one-process run."""
+    import shutil
+
+    train(load_config(recipe(shapes, tmp_path / "single", epochs=2)))
+    run = tmp_path / "fsdp"
+    config = recipe(shapes, run, distributed="fsdp", epochs=2, checkpoint_every=4, keep_checkpoints=10)
+    torchrun(config)
+    for later in ("step-00000012", "step-00000016"):
+        shutil.rmtree(run / "checkpoints" / later)
+    shutil.rmtree(run / "model")
+    (run / "checkpoints" / "latest.json").write_text(json.dumps({"step": 8, "checkpoint": "step-00000008"}))
+    out = torchrun(config, "--resume")
+    assert "(step 8)" in out.stdout
+    assert losses(run) == pytest.approx(losses(tmp_path / "single"), abs=1e-4)
+    assert_same_weights(run / "model", tmp_path / "single" / "model", atol=1e-4)
 
 
 def test_sigkill_and_resume_ends_with_the_same_weights(shapes, tmp_path):
@@ -198,3 +222,17 @@ def test_overrides_and_bad_settings(tmp_path):
         load_config(None, ["--learning_rate=1"])
     with pytest.raises(RosettaError, match="no such config"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_gradient_checkpointing_changes_memory_not_results(shapes, tmp_path):
+    plain = train(load_config(recipe(shapes, tmp_path / "plain")))
+    checkpointed = train(load_config(recipe(shapes, tmp_path / "ckpt", grad_checkpointing=True)))
+    assert losses(tmp_path / "ckpt") == pytest.approx(losses(tmp_path / "plain"), abs=1e-6)
+    assert_same_weights(plain, checkpointed, atol=1e-6)
+
+
+def test_bf16_autocast_trains_close_to_fp32(shapes, tmp_path):
+    train(load_config(recipe(shapes, tmp_path / "fp32")))
+    final = train(load_config(recipe(shapes, tmp_path / "bf16", precision="bf16")))
+    assert losses(tmp_path / "bf16") == pytest.approx(losses(tmp_path / "fp32"), abs=0.05)
+    assert all(t.dtype == torch.float32 for t in weights(final).values())  # autocast keeps fp32 master weights

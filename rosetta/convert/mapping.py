@@ -66,7 +66,5 @@ def to_theirs(rules: list[Rule], ours: dict[str, torch.Tensor],
             part = part.T if r.transpose else part
             if name in shapes:
                 part = part.reshape(shapes[name])
-            elif len(r.ours) == 1 and ours[r.ours[0]].ndim == 0:
-                part = part.reshape(())
             out[name] = part.contiguous()
     return out

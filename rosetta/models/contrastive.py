@@ -42,10 +42,10 @@ class ContrastiveModel(nn.Module):
         else:
             self.vision_proj = nn.Identity()
         self.text_proj = nn.Linear(config.text.width, config.embed_dim, bias=config.text.proj_bias)
-        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
-        self.logit_bias = (
-            nn.Parameter(torch.tensor(float(config.logit_bias_init))) if config.logit_bias_init is not None else None
-        )
+        # Shape [1], not a scalar: FSDP shards parameters along their first dimension.
+        self.logit_scale = nn.Parameter(torch.full((1,), float(config.logit_scale_init)))
+        bias = config.logit_bias_init
+        self.logit_bias = nn.Parameter(torch.full((1,), float(bias))) if bias is not None else None
         self.tokenizer = tokenizer or TextTokenizer(
             byte_tokenizer(), config.text.context_length, config.text.pad_token_id, config.text.cleaning
         )

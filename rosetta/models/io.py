@@ -153,7 +153,8 @@ def save_model(model: ContrastiveModel, directory: Path, format: str = FORMAT) -
         if bos is None or eos is None:
             raise RosettaError("exporting to transformers needs a tokenizer with start- and end-of-text tokens")
         config = hf.export_config(model.config, eos_token_id=eos, bos_token_id=bos)
-        write_safetensors(to_theirs(hf.rules(model.config), state), directory / "model.safetensors")
+        theirs = to_theirs(hf.rules(model.config), state, shapes={"logit_scale": ()})  # a scalar in CLIPModel
+        write_safetensors(theirs, directory / "model.safetensors")
         write_json(directory / "config.json", config)
         write_json(directory / "preprocessor_config.json", hf.export_preprocessor(model.config))
         # transformers' CLIPTokenizer rebuilds CLIP's BPE from tokenizer.json; any other tokenizer (the byte-level

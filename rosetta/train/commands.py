@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -13,7 +14,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.out:
         overrides.append(f"out={args.out}")
     final = train(load_config(args.config, overrides), resume=args.resume)
-    print(f"model saved to {final} (open it with rosetta.load or --model {final})")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"model saved to {final} (open it with rosetta.load or --model {final})")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,12 @@ class TrainConfig:
 
 
 _GROUPS = {"data": DataConfig}
+# YAML 1.1 reads 1e-3 (no dot) as a string; recipes and overrides mean a number.
+_SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def _number(value: Any) -> Any:
+    return float(value) if isinstance(value, str) and _SCIENTIFIC.fullmatch(value) else value
 
 
 def _build(cls, values: dict[str, Any], where: str):
@@ -67,8 +74,8 @@ def _build(cls, values: dict[str, Any], where: str):
         if key in _GROUPS:
             value = _build(_GROUPS[key], value or {}, f"{where}{key}.")
         elif key == "betas":
-            value = tuple(value)
-        kwargs[key] = value
+            value = tuple(map(_number, value))
+        kwargs[key] = _number(value)
     return cls(**kwargs)
 
 

@@ -113,7 +113,7 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
         from rosetta.data.records import read_records
         from rosetta.models.io import resolve_device
 
@@ -149,6 +149,12 @@ class Trainer:
                 tower.requires_grad_(False)
         if cfg.lock_image:
             self.model.vision_proj.requires_grad_(False)
+        # Weights are restored before sharding: FSDP shards whatever the model holds when it is wrapped.
+        self.resume_from = checkpoint.latest(self.run_dir) if resume else None
+        if self.resume_from is not None:
+            from rosetta.models.io import read_weights
+
+            self.model.load_state_dict(read_weights(self.resume_from, ("model.safetensors",)))
         self.wrapped = self._wrap(self.model)
 
         self.steps_per_epoch = len(self.train_records) // cfg.batch_size
@@ -179,6 +185,8 @@ class Trainer:
         if self.cfg.distributed == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
+            for tensor in model.state_dict().values():  # every rank shards rank 0's weights, as DDP would use
+                torch.distributed.broadcast(tensor, src=0)
             for tower in (model.vision, model.text):
                 for block in tower.transformer.blocks:
                     fully_shard(block)
@@ -202,42 +210,64 @@ class Trainer:
 
     # Checkpoints.
 
-    def _state(self, epoch: int, position: int) -> dict[str, Any]:
-        return {
-            "step": self.step, "epoch": epoch, "position": position,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(), "rng": checkpoint.rng_state(), "config": self.cfg.to_dict(),
-        }
+    @property
+    def sharded(self) -> bool:
+        return self.cfg.distributed == "fsdp" and self.world.size > 1
 
-    def _full_state_model(self) -> ContrastiveModel:
-        """The model with full (unsharded) weights, for saving."""
-        if self.cfg.distributed != "fsdp" or self.world.size == 1:
+    def _optimizer_state(self) -> dict[str, Any]:
+        """The whole optimiser state (FSDP gathers each rank's shard: every rank must call this)."""
+        if not self.sharded:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(self.model, self.optimizer, options=options)
+
+    def _full_state_model(self) -> ContrastiveModel | None:
+        """The model with full (unsharded) weights on the main rank, for saving (every rank must call this)."""
+        if not self.sharded:
             return self.model
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.world.is_main:  # the gathered weights land on rank 0 only
+            return None
         with torch.device("meta"):
             copy = ContrastiveModel(self.model.config, tokenizer=self.model.tokenizer)
         copy.load_state_dict(state, assign=True)
         return copy
 
     def save_checkpoint(self, epoch: int, position: int) -> None:
-        model = self._full_state_model()
+        model, optimizer = self._full_state_model(), self._optimizer_state()
         if self.world.is_main:
-            checkpoint.save(self.run_dir, self.step, model, self._state(epoch, position), self.cfg.keep_checkpoints)
+            state = {
+                "step": self.step, "epoch": epoch, "position": position, "optimizer": optimizer,
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": checkpoint.rng_state(), "config": self.cfg.to_dict(),
+            }
+            checkpoint.save(self.run_dir, self.step, model, state, self.cfg.keep_checkpoints)
         if self.world.size > 1:
             torch.distributed.barrier()
 
-    def resume(self) -> tuple[int, int]:
-        """Restore the newest checkpoint; returns (epoch, batch position in it) to continue from."""
-        path = checkpoint.latest(self.run_dir)
+    def _restore(self) -> tuple[int, int]:
+        """Restore the training state of the checkpoint the weights came from; returns (epoch, batch position)."""
+        path = self.resume_from
         if path is None:
             return 0, 0
-        from rosetta.models.io import read_weights
-
         state = checkpoint.load_state(path)
-        self.model.load_state_dict(read_weights(path, ("model.safetensors",)))
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            # FSDP sets itself up on the root's first forward, which must come before loading sharded state.
+            size, length = self.model.config.vision.image_size, self.model.config.text.context_length
+            with torch.no_grad():
+                self.wrapped(torch.zeros(1, 3, size, size, device=self.device),
+                             torch.zeros(1, length, dtype=torch.long, device=self.device))
+            self.model.reshard()  # the root keeps its weights gathered after forward; the optimiser holds shards
+            options = StateDictOptions(full_state_dict=True)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
@@ -297,15 +327,20 @@ class Trainer:
         if not self.val_records:
             return {}
         self.model.eval()
+        if self.sharded:  # the root's own weights are only gathered by its forward: gather them for the tasks
+            self.model.unshard()
         results = evaluate(self.model, self.val_records, classes=self.classes)
+        if self.sharded:
+            self.model.reshard()
         self.model.train()
         return {f"{task}/{k}" if task != "zeroshot" else k: v for task, metrics in results.items()
                 for k, v in metrics.items() if k != "n"}
 
-    def fit(self, resume: bool = False) -> Path:
+    def fit(self) -> Path:
         """Train to the end of the recipe; returns the final model directory (RUN_DIR/model)."""
         cfg = self.cfg
-        epoch, position = self.resume() if resume else (0, 0)
+        resume = self.resume_from is not None
+        epoch, position = self._restore()
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -330,7 +365,7 @@ class Trainer:
                         log.log(self.step, "train", {
                             "epoch": epoch + position / self.steps_per_epoch, "loss": loss,
                             "lr": self.scheduler.get_last_lr()[0], "samples_per_s": speed, "mfu": mfu,
-                            "temperature": 1 / self.model.logit_scale.exp().item(),
+                            "temperature": self._temperature(),
                         })
                     if cfg.eval_every and self.step % cfg.eval_every == 0:
                         log.log(self.step, "val", self.evaluate())
@@ -342,12 +377,18 @@ class Trainer:
                         log.log(self.step, "val", {"epoch": epoch, **self.evaluate()})
             self.save_checkpoint(epoch, position)
             final = self.run_dir / "model"
+            model = self._full_state_model()
             if self.world.is_main:
-                self._full_state_model().save_pretrained(final)
+                model.save_pretrained(final)
             return final
         finally:
             bar.close()
             log.close()
+
+    def _temperature(self) -> float:
+        scale = self.model.logit_scale
+        scale = scale.full_tensor() if hasattr(scale, "full_tensor") else scale  # FSDP shards it
+        return 1 / scale.exp().item()
 
     @staticmethod
     def _next(loader: Iterator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,8 +402,8 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, resume=resume)
     try:
-        return trainer.fit(resume=resume)
+        return trainer.fit()
     finally:
         distributed.shutdown()
