@@ -127,9 +127,9 @@ def main() -> None:
     for name, value in rows:
         print(f"{name:26s} {value:7.2f} samples/s   x{value / peer_bf16:.2f} vs open_clip bf16   "
               f"x{value / peer_fp32:.2f} vs open_clip fp32")
-    mfu = train_flops(config) * ours_fast / peak_flops(torch.device("cpu"), fast or torch.float32)
-    print(f"\nRosetta MFU (fast path): {mfu:.1%} of this CPU's {peak_flops(torch.device('cpu'), torch.float32) / 1e9:.0f}"
-          " GFLOP/s fp32 peak")
+    peak = peak_flops(torch.device("cpu"), fast or torch.float32)
+    mfu = train_flops(config) * ours_fast / peak
+    print(f"\nRosetta MFU (fast path): {mfu:.1%} of this CPU's {peak / 1e9:.0f} GFLOP/s peak")
     diffs = [abs(a - b) for a, b in zip(our_losses, peer_losses)]
     print("fp32 losses, step by step:")
     for i, (a, b) in enumerate(zip(our_losses, peer_losses)):

@@ -1,0 +1,715 @@
+"""The HTTP API: `create_app(model, store, settings)` builds a FastAPI app around one model.
+
+Routes live in routers (`ROUTERS`) that reach the model, the store and the settings through
+`services(request)`; a new task adds a router and appends it. Every model call goes through the
+`BatchedModel` (embedding cache, then the micro-batcher's single model thread).
+
+Errors are JSON `{"error": {"code", "message"}}` with a 4xx status for anything a client can cause:
+a missing or wrong API key (401), a body over the size limit (413, checked on Content-Length and
+again while the body streams in), too many inputs or pixels (413), an image that does not decode or
+a malformed request (422), an unsupported content type (415), an overloaded model queue (503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from rosetta.errors import InputError, RosettaError
+from rosetta.serve.auth import require_api_key
+from rosetta.serve.batching import BatchedModel, MicroBatcher, Overloaded, model_runners
+from rosetta.serve.cache import EmbeddingCache
+from rosetta.serve.metrics import Metrics, MetricsMiddleware
+
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass
+class Settings:
+    model_name: str | None = None  # what stores know the model by (default: its preset name, from its config)
+    api_key: str | None = None  # None: no key needed
+    max_batch: int = 32  # inputs per model call
+    max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
+    batching: bool = True  # False: every request's inputs run alone (the benchmark's baseline)
+    cors_origins: Sequence[str] = ()  # empty: no CORS headers, browsers allow same-origin only
+    cache_size: int = 10_000  # embeddings kept in the LRU cache; 0 turns it off
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_items: int = 64  # texts, images, labels or files in one request
+    max_text_chars: int = 10_000
+    max_pixels: int = 32 * 1024 * 1024  # per image, checked before decoding (decompression bombs)
+    max_k: int = 1000
+    max_queue: int = 4096  # inputs waiting for the model before requests get 503
+    thumbnail_size: int = 256
+
+
+@dataclass
+class Services:
+    """What the routes share: reach it with `services(request)`."""
+
+    settings: Settings
+    model: Any  # the model object itself: read-only use outside the model thread
+    batched: BatchedModel
+    batcher: MicroBatcher
+    cache: EmbeddingCache
+    metrics: Metrics
+    store: Any = None
+    store_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # writes to the store, one at a time
+
+
+def services(request: Request) -> Services:
+    return request.app.state.rosetta
+
+
+# Errors
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="a stable machine-readable name, e.g. invalid_image, too_many_items")
+    message: str = Field(description="what was wrong, naming the input")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class ApiError(HTTPException):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(status, message, headers)
+        self.code = code
+
+
+_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+          413: "too_large", 415: "unsupported_media_type", 422: "invalid_request", 503: "unavailable"}
+_DESCRIPTIONS = {400: "a body the server could not parse", 401: "missing or wrong API key", 404: "no such item",
+                 413: "body, inputs or pixels over the limits",
+                 415: "unsupported content type", 422: "malformed request or undecodable input",
+                 503: "the model queue is full, the server is stopping, or no store is configured"}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses a route can answer, all with the same body."""
+    return {s: {"model": ErrorBody, "description": _DESCRIPTIONS.get(s, _CODES.get(s, "error"))} for s in statuses}
+
+
+def error_json(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def input_error(e: InputError) -> ApiError:
+    """A bad input: 413 for an image over the pixel limit, 422 for anything else."""
+    message = str(e)
+    if "decompression bomb" in message or "exceeds the limit" in message:
+        return ApiError(413, "image_too_large", message)
+    return ApiError(422, "invalid_image" if "image" in message else "invalid_input", message)
+
+
+def _validation_message(errors: Sequence[dict[str, Any]]) -> str:
+    parts = []
+    for error in errors[:5]:
+        location = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "body"
+        parts.append(f"{location}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts) + ("; ..." if len(errors) > 5 else "")
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        code = getattr(e, "code", None) or _CODES.get(e.status_code, "error")
+        return error_json(e.status_code, code, str(e.detail), getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        return error_json(422, "invalid_request", _validation_message(e.errors()))
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: Request, e: Overloaded) -> JSONResponse:
+        return error_json(503, "overloaded", str(e), {"Retry-After": "1"})
+
+    @app.exception_handler(InputError)
+    async def bad_input(request: Request, e: InputError) -> JSONResponse:
+        error = input_error(e)
+        return error_json(error.status_code, error.code, str(error.detail))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception) -> JSONResponse:  # a bug: still JSON, still the same shape
+        return error_json(500, "internal", f"internal error ({type(e).__name__}); see the server log")
+
+
+class BodyLimitMiddleware:
+    """413 for a body over `max_bytes`: at once from Content-Length, else as soon as the stream passes it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = error_json(413, "body_too_large", f"request body over the limit of {self.max_bytes} bytes")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                await error_json(400, "bad_request", "invalid Content-Length header")(scope, receive, send)
+                return
+            if int(length) > self.max_bytes:
+                await too_large(scope, receive, send)
+                return
+        received, exceeded, started = 0, False, False
+
+        async def counting_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    exceeded = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if exceeded:
+                return  # the app's answer to the aborted body is replaced by ours
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded and not started:
+            await too_large(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+# Request bodies
+
+
+class EmbedTexts(BaseModel):
+    texts: list[str] = Field(min_length=1, description="strings to embed")
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    dim: int
+    text_embeddings: list[list[float]] = Field(description="one L2-normalised vector per text, in order")
+    image_embeddings: list[list[float]] = Field(description="one L2-normalised vector per image, in upload order")
+
+
+class ClassifyResponse(BaseModel):
+    label: str
+    score: float
+    probs: dict[str, float]
+
+
+class SearchQuery(BaseModel):
+    text: str | None = Field(None, description="a text query")
+    k: int = Field(10, ge=1, description="number of hits (at most the server's max_k)")
+    where: str | None = Field(None, description="a metadata filter, e.g. \"width > 512 and format = 'jpeg'\"")
+    weights: list[float] | None = Field(
+        None, min_length=2, max_length=2,
+        description="[text weight, image weight] when both a text and an image are given (default equal)")
+
+
+class SearchHit(BaseModel):
+    id: str
+    path: str | None = None
+    score: float
+    metadata: dict[str, Any]
+    thumbnail: str | None = Field(None, description="URL of a thumbnail, for stored images")
+
+
+class SearchResponse(BaseModel):
+    hits: list[SearchHit]
+
+
+class IndexedItem(BaseModel):
+    id: str
+    path: str
+    filename: str
+
+
+class IndexResponse(BaseModel):
+    indexed: list[IndexedItem]
+    count: int = Field(description="items in the store afterwards")
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Info(BaseModel):
+    model: str
+    dim: int
+    store: dict[str, Any] | None
+    batching: dict[str, Any]
+    limits: dict[str, int]
+
+
+def _multipart_schema(properties: dict[str, Any], any_of: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": properties}
+    if any_of:
+        schema["anyOf"] = any_of
+    return schema
+
+
+_BINARY = {"type": "string", "format": "binary"}
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+
+
+async def _read_body(request: Request, model: type[BaseModel], list_fields: set[str]) -> tuple[Any, dict]:
+    """A JSON or multipart body as (validated model, {field: [(filename, bytes)]} of the uploads)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    files: dict[str, list[tuple[str, bytes]]] = {}
+    if content_type == "application/json" or content_type.endswith("+json"):
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(422, "invalid_json", f"request body is not valid JSON ({e})") from None
+    elif content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        settings = services(request).settings
+        try:
+            form = await request.form(max_files=settings.max_items, max_fields=settings.max_items * 4 + 16)
+        except HTTPException as e:  # Starlette's multipart errors
+            if "Too many" in str(e.detail):
+                raise ApiError(413, "too_many_items", f"{e.detail} (the limit is per request)") from None
+            raise ApiError(422, "invalid_form", f"could not parse the form ({e.detail})") from None
+        except Exception as e:
+            raise ApiError(422, "invalid_form", f"could not parse the form ({e})") from None
+        data = {}
+        try:
+            for key in form:
+                values = form.getlist(key)
+                strings = [v for v in values if isinstance(v, str)]
+                uploads = [v for v in values if not isinstance(v, str)]
+                if strings:
+                    data[key] = strings if key in list_fields or len(strings) > 1 else strings[0]
+                for upload in uploads:
+                    files.setdefault(key, []).append(
+                        (_display_name(upload.filename, len(files.get(key, []))), await upload.read()))
+        finally:
+            await form.close()
+    else:
+        raise ApiError(415, "unsupported_media_type",
+                       f"send application/json or multipart/form-data, not {content_type or 'no content type'}")
+    if not isinstance(data, dict):
+        raise ApiError(422, "invalid_request", "the body must be a JSON object")
+    try:
+        return model.model_validate(data), files
+    except ValidationError as e:
+        raise ApiError(422, "invalid_request", _validation_message(e.errors())) from None
+
+
+async def _read_uploads(uploads: Sequence[UploadFile]) -> tuple[list[bytes], list[str]]:
+    blobs, names = [], []
+    for i, upload in enumerate(uploads):
+        blobs.append(await upload.read())
+        names.append(_display_name(upload.filename, i))
+    return blobs, names
+
+
+def _display_name(filename: str | None, index: int) -> str:
+    name = Path(filename or "").name
+    return name or f"upload {index}"
+
+
+def _check_count(what: str, n: int, limit: int) -> None:
+    if n > limit:
+        raise ApiError(413, "too_many_items", f"{n} {what} in one request; the limit is {limit}")
+
+
+def _check_texts(texts: Sequence[str], limit: int) -> None:
+    for i, text in enumerate(texts):
+        if len(text) > limit:
+            raise ApiError(413, "text_too_long", f"text {i}: {len(text)} characters; the limit is {limit}")
+
+
+# Routers
+
+system = APIRouter(tags=["system"])
+monitoring = APIRouter(tags=["system"])
+embedding = APIRouter(prefix="/v1", tags=["embeddings"])
+retrieval = APIRouter(prefix="/v1", tags=["search"])
+
+# Routers that need the API key when one is set, and the open ones. A new task appends its router here.
+ROUTERS: list[APIRouter] = [embedding, retrieval, monitoring]
+OPEN_ROUTERS: list[APIRouter] = [system]
+
+
+@system.get("/healthz", response_model=Health, summary="liveness (never needs the API key)")
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@system.get("/", include_in_schema=False)
+async def page() -> FileResponse:
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+@embedding.get("/info", response_model=Info, summary="the model, the store and the server's limits")
+async def info(request: Request) -> Info:
+    svc = services(request)
+    s = svc.settings
+    store = None
+    if svc.store is not None:
+        store = {"items": await run_in_threadpool(len, svc.store)}
+    return Info(
+        model=s.model_name, dim=svc.batched.dim, store=store,
+        batching={"enabled": s.batching, "max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms},
+        limits={"max_body_bytes": s.max_body_bytes, "max_items": s.max_items, "max_text_chars": s.max_text_chars,
+                "max_pixels": s.max_pixels, "max_k": s.max_k},
+    )
+
+
+@embedding.post(
+    "/embed", response_model=EmbedResponse, summary="embed texts and/or images into the shared space",
+    description="JSON `{\"texts\": [...]}`, or multipart with `texts` fields and `images` file uploads.",
+    responses=error_responses(400, 413, 415, 422, 503),
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": EmbedTexts.model_json_schema()},
+        "multipart/form-data": {"schema": _multipart_schema(
+            {"texts": {**_STRINGS, "minItems": 1}, "images": {"type": "array", "items": _BINARY, "minItems": 1}},
+            any_of=[{"required": ["texts"]}, {"required": ["images"]}])},
+    }}},
+)
+async def embed(request: Request) -> EmbedResponse:
+    svc = services(request)
+    body, files = await _read_body(request, _EmbedForm, {"texts"})
+    texts = body.texts
+    uploads = files.get("images", [])
+    if not texts and not uploads:
+        raise ApiError(422, "empty_request", "give at least one text (texts) or image (images)")
+    _check_count("texts", len(texts), svc.settings.max_items)
+    _check_count("images", len(uploads), svc.settings.max_items)
+    _check_texts(texts, svc.settings.max_text_chars)
+    svc.metrics.items.labels("/v1/embed", "text").inc(len(texts))
+    svc.metrics.items.labels("/v1/embed", "image").inc(len(uploads))
+    names, blobs = [name for name, _ in uploads], [blob for _, blob in uploads]
+    text_rows, image_rows = await asyncio.gather(
+        svc.batched.aembed_texts(texts) if texts else _none(),
+        svc.batched.aembed_images(blobs, names) if blobs else _none(),
+    )
+    return EmbedResponse(
+        model=svc.settings.model_name, dim=svc.batched.dim,
+        text_embeddings=text_rows.tolist() if text_rows is not None else [],
+        image_embeddings=image_rows.tolist() if image_rows is not None else [],
+    )
+
+
+async def _none() -> None:
+    return None
+
+
+class _EmbedForm(BaseModel):  # the JSON body, or the string fields of the multipart one
+    texts: list[str] = []
+
+
+@embedding.post(
+    "/classify", response_model=ClassifyResponse, summary="zero-shot classify one image against labels",
+    description="Labels may be repeated fields or comma-separated. `templates` is `default`, `imagenet`, "
+                "or one or more prompts with `{}` for the label (averaged).",
+    responses=error_responses(400, 413, 415, 422, 503),
+)
+async def classify(
+    request: Request,
+    image: Annotated[UploadFile, File(description="the image to classify")],
+    labels: Annotated[list[str], Form(description="labels, e.g. ['dog', 'cat'] or ['dog,cat']")],
+    templates: Annotated[list[str], Form(description="'default', 'imagenet', or prompts with {}")] = [],  # noqa: B006
+) -> ClassifyResponse:
+    from rosetta.templates import resolve_templates
+
+    svc = services(request)
+    names = [label.strip() for field_ in labels for label in field_.split(",") if label.strip()]
+    if not names:
+        raise ApiError(422, "invalid_request", "labels: give at least one non-empty label")
+    names = list(dict.fromkeys(names))  # a label twice would only split its probability
+    _check_count("labels", len(names), svc.settings.max_items)
+    _check_texts(names, svc.settings.max_text_chars)
+    templates = [t for t in templates if t.strip()]
+    _check_count("templates", len(templates), svc.settings.max_items)
+    try:
+        if len(templates) == 1 and "{}" not in templates[0]:
+            prompts = resolve_templates(templates[0].strip())
+        else:
+            prompts = resolve_templates(templates or None)
+        texts = [prompt.format(label) for label in names for prompt in prompts]
+    except (ValueError, KeyError, IndexError) as e:
+        raise ApiError(422, "invalid_templates", f"templates: {e}") from None
+    svc.metrics.items.labels("/v1/classify", "image").inc()
+    svc.metrics.items.labels("/v1/classify", "text").inc(len(texts))
+    blobs, files = await _read_uploads([image])
+    image_row, text_rows = await asyncio.gather(svc.batched.aembed_images(blobs, files),
+                                                svc.batched.aembed_texts(texts))
+    probs = await run_in_threadpool(_probabilities, svc.model, image_row, text_rows, len(names))
+    best = max(range(len(names)), key=probs.__getitem__)
+    return ClassifyResponse(label=names[best], score=probs[best], probs=dict(zip(names, probs)))
+
+
+def _probabilities(model, image_row, text_rows, n_labels: int) -> list[float]:
+    """Prompt-ensembled label embeddings, then the model's own probabilities (softmax or sigmoid)."""
+    import torch
+    import torch.nn.functional as F
+
+    per_prompt = torch.from_numpy(text_rows).view(n_labels, -1, text_rows.shape[-1])
+    classifier = F.normalize(per_prompt.mean(dim=1), dim=-1)
+    with torch.inference_mode():
+        probs = model.probabilities(torch.from_numpy(image_row).to(model.device), classifier.to(model.device))
+    return [float(p) for p in probs[0].tolist()]
+
+
+def _require_store(svc: Services) -> Any:
+    if svc.store is None:
+        raise ApiError(503, "no_store", "no store configured: start the server with --store DIR")
+    return svc.store
+
+
+@retrieval.post(
+    "/search", response_model=SearchResponse, summary="nearest stored items to a text and/or an image",
+    description="JSON `{\"text\", \"k\", \"where\", \"weights\"}`, or multipart with the same fields and an "
+                "`image` upload; with both a text and an image the query mixes them by `weights`.",
+    responses=error_responses(400, 413, 415, 422, 503),
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": SearchQuery.model_json_schema()},
+        "multipart/form-data": {"schema": _multipart_schema(
+            {"text": {"type": "string"}, "image": _BINARY, "k": {"type": "integer", "minimum": 1},
+             "where": {"type": "string"},
+             "weights": {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}},
+            any_of=[{"required": ["text"]}, {"required": ["image"]}])},
+    }}},
+)
+async def search_route(request: Request) -> SearchResponse:
+    svc = services(request)
+    store = _require_store(svc)
+    query, files = await _read_body(request, SearchQuery, {"weights"})
+    uploads = files.get("image", [])
+    _check_count("images", len(uploads), 1)
+    if query.text is None and not uploads:
+        raise ApiError(422, "empty_request", "give a text, an image, or both")
+    if query.text is not None:
+        _check_texts([query.text], svc.settings.max_text_chars)
+    if query.k > svc.settings.max_k:
+        raise ApiError(413, "too_many_items", f"k={query.k}; the limit is {svc.settings.max_k}")
+    if query.weights is not None and (any(w != w or w < 0 for w in query.weights) or sum(query.weights) <= 0):
+        raise ApiError(422, "invalid_weights", "weights: two non-negative numbers, not both zero")
+    image = None
+    if uploads:
+        name, image = uploads[0]
+        await _check_images(svc, [image], [name])
+    svc.metrics.items.labels("/v1/search", "text").inc(query.text is not None)
+    svc.metrics.items.labels("/v1/search", "image").inc(image is not None)
+    hits = await run_in_threadpool(_search, svc, store, query, image)
+    return SearchResponse(hits=hits)
+
+
+def _search(svc: Services, store: Any, query: SearchQuery, image: bytes | None) -> list[SearchHit]:
+    from rosetta.search import search
+
+    weights = tuple(query.weights) if query.weights is not None else None
+    try:
+        hits = search(svc.batched, store, text=query.text, image=image, weights=weights, k=query.k,
+                      where=query.where)
+    except InputError as e:
+        raise input_error(e) from None
+    except (RosettaError, ValueError) as e:
+        raise ApiError(422, "invalid_query", str(e)) from None
+    return [_hit(hit) for hit in hits]
+
+
+def _hit(hit: Any) -> SearchHit:
+    metadata = dict(hit.metadata or {})
+    path = metadata.get("path")
+    return SearchHit(id=hit.id, path=str(path) if path is not None else None, score=float(hit.score),
+                     metadata=_jsonable(metadata),
+                     thumbnail=f"/v1/thumbnail/{quote(hit.id, safe='/')}" if path else None)
+
+
+def _jsonable(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Metadata as JSON can carry it: NaN and infinities become null, numpy scalars plain numbers."""
+    out = {}
+    for key, value in metadata.items():
+        if hasattr(value, "item"):
+            value = value.item()
+        if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+            value = None
+        elif not isinstance(value, (str, int, float, bool, type(None), list, dict)):
+            value = str(value)
+        out[str(key)] = value
+    return out
+
+
+@retrieval.post(
+    "/index", response_model=IndexResponse, summary="upload images: saved under the store's uploads folder, indexed",
+    description="Every file must decode as an image; if one does not, nothing is saved and the answer names it.",
+    responses=error_responses(400, 413, 415, 422, 503),
+)
+async def index_route(
+    request: Request, files: Annotated[list[UploadFile], File(description="image files to add to the store")],
+) -> IndexResponse:
+    svc = services(request)
+    store = _require_store(svc)
+    _check_count("files", len(files), svc.settings.max_items)
+    if not files:
+        raise ApiError(422, "empty_request", "files: upload at least one image")
+    blobs, names = await _read_uploads(files)
+    svc.metrics.items.labels("/v1/index", "image").inc(len(blobs))
+    await _check_images(svc, blobs, names)
+    async with svc.store_lock:
+        items = await run_in_threadpool(_save_and_index, svc, store, blobs, names)
+        count = await run_in_threadpool(len, store)
+    return IndexResponse(indexed=items, count=count)
+
+
+async def _check_images(svc: Services, blobs: Sequence[bytes], names: Sequence[str]) -> None:
+    """Decode every upload before anything else happens, so that a bad one is named and nothing is saved."""
+    await run_in_threadpool(lambda: [svc.batched.preprocess(blob, name) for blob, name in zip(blobs, names)])
+
+
+def uploads_dir(store: Any) -> Path:
+    """The store's uploads folder: `uploads/` inside the store's directory."""
+    path = getattr(store, "path", None)
+    if isinstance(path, (str, Path)) and "://" not in str(path):
+        return Path(path) / "uploads"
+    raise ApiError(503, "no_uploads_folder", "this store is not a directory: uploads cannot be saved beside it")
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _save_and_index(svc: Services, store: Any, blobs: list[bytes], names: list[str]) -> list[IndexedItem]:
+    from rosetta.files import atomic_write
+    from rosetta.store.index import file_id, index_files
+
+    folder = uploads_dir(store)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for blob, name in zip(blobs, names):
+        stem = _UNSAFE.sub("_", Path(name).stem)[:64].strip("._") or "upload"
+        path = folder / f"{hashlib.sha256(blob).hexdigest()[:16]}-{stem}{_suffix(blob)}"  # same bytes, same file
+        if not path.exists():
+            atomic_write(path, lambda f, blob=blob: f.write(blob))
+        paths.append(path)
+    report = index_files(svc.batched, store, paths, batch_size=svc.settings.max_batch, progress=False)
+    if report.failed:
+        raise ApiError(422, "invalid_image", "; ".join(report.failed))
+    return [IndexedItem(id=file_id(p), path=str(p), filename=n) for p, n in zip(paths, names)]
+
+
+def _suffix(blob: bytes) -> str:
+    """The file suffix of an image's format, so that the uploads folder is itself an indexable folder."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(blob)) as image:
+            format_ = (image.format or "").lower()
+    except Exception:  # it decoded before; this only names the file
+        return ".img"
+    return {"jpeg": ".jpg", "tiff": ".tif"}.get(format_, f".{format_}" if format_ else ".img")
+
+
+@retrieval.get(
+    "/thumbnail/{id:path}", summary="a JPEG thumbnail of a stored image (only images in the store are served)",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}, "description": "a JPEG thumbnail"},
+               **error_responses(404, 413, 422, 503)},
+)
+async def thumbnail(request: Request, id: Annotated[str, PathParam(description="a stored item's id")]) -> Response:
+    svc = services(request)
+    store = _require_store(svc)
+    metadata = (await run_in_threadpool(store.metadata, [id])).get(id)
+    path = metadata.get("path") if metadata else None
+    if not path:
+        raise ApiError(404, "not_found", f"no stored image with id {id!r}")
+    data = await run_in_threadpool(_thumbnail, Path(path), svc.settings)
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+
+def _thumbnail(path: Path, settings: Settings) -> bytes:
+    from rosetta.modalities.image import load_image
+
+    if not path.is_file():
+        raise ApiError(404, "not_found", f"the stored file {path.name} is gone")
+    image = load_image(path, max_pixels=settings.max_pixels)
+    image.thumbnail((settings.thumbnail_size, settings.thumbnail_size))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+@monitoring.get("/metrics", summary="Prometheus metrics", response_class=Response,
+                responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+async def metrics(request: Request) -> Response:
+    body, content_type = services(request).metrics.render()
+    return Response(body, media_type=content_type)
+
+
+# The app
+
+
+def create_app(model, store=None, settings: Settings | None = None) -> FastAPI:
+    """The API around `model` (and `store`, for search and indexing); the model thread runs while the app does."""
+    from rosetta import __version__
+    from rosetta.store.index import model_name
+
+    settings = settings or Settings()
+    if not settings.model_name:
+        settings = dataclasses.replace(settings, model_name=model_name(model))
+    metrics_ = Metrics()
+    cache = EmbeddingCache(settings.cache_size)
+    batcher = MicroBatcher(model_runners(model), max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                           enabled=settings.batching, max_queue=settings.max_queue, metrics=metrics_)
+    batched = BatchedModel(model, batcher, cache, settings.model_name, settings.max_pixels, metrics_)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(batcher.stop)  # finishes queued work: in-flight requests get answers
+
+    # No /docs or /redoc: they load Swagger UI and ReDoc from a CDN, and the server may have no internet.
+    app = FastAPI(title="Rosetta", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="Embeddings, zero-shot classification and search with one multimodal model.")
+    app.state.rosetta = Services(settings, model, batched, batcher, cache, metrics_, store)
+    _install_error_handlers(app)
+    protected = [Depends(require_api_key)] if settings.api_key else []
+    auth_errors = error_responses(401) if settings.api_key else {}
+    for router in OPEN_ROUTERS:
+        app.include_router(router)
+    for router in ROUTERS:
+        app.include_router(router, dependencies=protected, responses=auth_errors)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type"])
+    app.add_middleware(MetricsMiddleware, metrics=metrics_, router=app.router)
+    return app

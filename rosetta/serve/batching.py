@@ -1,0 +1,319 @@
+"""Dynamic micro-batching: concurrent requests share one model call.
+
+One worker thread owns the model. Requests put their inputs on the queue of their modality and
+wait; the worker takes the oldest waiting job, then keeps gathering jobs of the same modality until
+the batch holds `max_batch` inputs or `max_wait_ms` have passed since that job arrived, runs the
+model once, and hands each job its rows. With batching off each job runs alone (one request's
+inputs per call), which is the baseline the benchmark compares against.
+
+`BatchedModel` is the model as the server's handlers see it: the embedding cache first, then the
+batcher. It offers `embed_texts` / `embed_images` like the model does, so library functions that
+take a model (search, indexing) run through the same worker and cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rosetta.errors import InputError
+from rosetta.modalities.image import MAX_PIXELS, ImageInput, describe, load_image, preprocess
+from rosetta.serve.cache import EmbeddingCache, content_key
+from rosetta.serve.metrics import Metrics
+
+Runner = Callable[[list[Any]], np.ndarray]
+
+
+class Overloaded(RuntimeError):
+    """The queue is full or the batcher is stopping: the request should be retried later."""
+
+
+@dataclass
+class _Job:
+    items: list[Any]
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class MicroBatcher:
+    """Gathers jobs per modality into bounded batches and runs them on one worker thread."""
+
+    def __init__(self, runners: dict[str, Runner], max_batch: int = 32, max_wait_ms: float = 5.0,
+                 enabled: bool = True, max_queue: int = 4096, metrics: Metrics | None = None):
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        if max_wait_ms < 0:
+            raise ValueError("max_wait_ms must be >= 0")
+        self.runners = runners
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000
+        self.enabled = enabled
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self._queues: dict[str, deque[_Job]] = {modality: deque() for modality in runners}
+        self._queued = dict.fromkeys(runners, 0)
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is not None:
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="rosetta-model", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish the jobs already queued, then end the worker."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout)
+
+    def submit(self, modality: str, items: Sequence[Any]) -> list[Future]:
+        """Queue `items`, split into jobs of at most `max_batch`; each future gives its rows as an array."""
+        if modality not in self._queues:
+            raise ValueError(f"no runner for modality {modality!r}")
+        jobs = [_Job(list(items[i : i + self.max_batch])) for i in range(0, len(items), self.max_batch)]
+        with self._cond:
+            if self._stopping:
+                raise Overloaded("the server is shutting down")
+            if self._thread is None:
+                self.start()  # used without the app's lifespan (some test clients skip it)
+            if sum(self._queued.values()) >= self.max_queue:  # one request may bring more; the next one waits
+                raise Overloaded(f"{self.max_queue} inputs are already waiting for the model; retry later")
+            self._queues[modality].extend(jobs)
+            self._queued[modality] += len(items)
+            self._gauge(modality)
+            self._cond.notify_all()
+        return [job.future for job in jobs]
+
+    def run(self, modality: str, items: Sequence[Any]) -> np.ndarray:
+        """Blocking: the rows for `items`, in order (for worker threads of the web framework)."""
+        return _concat([f.result() for f in self.submit(modality, items)])
+
+    async def arun(self, modality: str, items: Sequence[Any]) -> np.ndarray:
+        """The rows for `items`, in order, without blocking the event loop while the model works."""
+        futures = self.submit(modality, items)
+        try:
+            return _concat(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        except asyncio.CancelledError:  # the client went away: drop the jobs that have not started
+            for f in futures:
+                f.cancel()
+            raise
+
+    def _gauge(self, modality: str) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_items.labels(modality).set(self._queued[modality])
+
+    def _take(self) -> tuple[str, list[_Job]] | None:
+        """Under the lock: the next batch, waiting for it; None once stopping with nothing left."""
+        while True:
+            while not self._stopping and not any(self._queues.values()):
+                self._cond.wait()
+            waiting = [m for m, q in self._queues.items() if q]
+            if not waiting:
+                return None  # stopping, and every queue is drained
+            modality = min(waiting, key=lambda m: self._queues[m][0].enqueued)
+            queue = self._queues[modality]
+            jobs = [queue.popleft()]
+            size = len(jobs[0].items)
+            if self.enabled:
+                deadline = jobs[0].enqueued + self.max_wait
+                while size < self.max_batch:
+                    if queue:
+                        if size + len(queue[0].items) > self.max_batch:
+                            break
+                        jobs.append(queue.popleft())
+                        size += len(jobs[-1].items)
+                        continue
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self._stopping:
+                        break
+                    self._cond.wait(remaining)
+            self._queued[modality] -= size
+            self._gauge(modality)
+            jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+            if jobs:
+                return modality, jobs
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                taken = self._take()
+            if taken is None:
+                return
+            modality, jobs = taken
+            items = [item for job in jobs for item in job.items]
+            start = time.perf_counter()
+            try:
+                rows = self.runners[modality](items)
+            except BaseException as e:  # hand the error to every waiting request; the worker lives on
+                for job in jobs:
+                    job.future.set_exception(e)
+                continue
+            if self.metrics is not None:
+                self.metrics.batch_size.labels(modality).observe(len(items))
+                self.metrics.model_seconds.labels(modality).observe(time.perf_counter() - start)
+            offset = 0
+            for job in jobs:
+                job.future.set_result(rows[offset : offset + len(job.items)])
+                offset += len(job.items)
+
+
+def _concat(parts: Sequence[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def model_runners(model) -> dict[str, Runner]:
+    """What the worker runs: preprocessed pixels [3, H, W] or strings in, normalised float32 rows out."""
+
+    def images(pixels: list[torch.Tensor]) -> np.ndarray:
+        return model.embed_images(torch.stack(pixels), batch_size=len(pixels)).cpu().numpy()
+
+    def texts(strings: list[str]) -> np.ndarray:
+        return model.embed_texts(strings, batch_size=len(strings)).cpu().numpy()
+
+    return {"image": images, "text": texts}
+
+
+class BatchedModel:
+    """Embeddings through the cache and the micro-batcher; bad images raise InputError naming them."""
+
+    def __init__(self, model, batcher: MicroBatcher, cache: EmbeddingCache, name: str,
+                 max_pixels: int = MAX_PIXELS, metrics: Metrics | None = None):
+        self.model = model
+        self.batcher = batcher
+        self.cache = cache
+        self.name = name
+        self.max_pixels = max_pixels
+        self.metrics = metrics
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.embed_dim
+
+    def __getattr__(self, name: str):  # anything else a library function asks of a model
+        if name == "model":  # not set yet (copying, unpickling): do not recurse
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    # Texts
+
+    def embed_texts(self, texts: str | Sequence[str], batch_size: int | None = None, progress: bool | None = None,
+                    truncate: bool = True) -> torch.Tensor:
+        """Like the model's `embed_texts` (L2-normalised [N, D]), through the cache and the batcher; blocking."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        found, keys, missing = self._lookup("text", texts)
+        if missing:
+            self._fill("text", found, keys, missing, self.batcher.run("text", [texts[i] for i in missing]))
+        return torch.from_numpy(self._stack(found))
+
+    async def aembed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+        found, keys, missing = self._lookup("text", texts)
+        if missing:
+            self._fill("text", found, keys, missing, await self.batcher.arun("text", [texts[i] for i in missing]))
+        return self._stack(found)
+
+    # Images
+
+    def embed_images(self, images: torch.Tensor | ImageInput | Sequence[ImageInput], batch_size: int | None = None,
+                     progress: bool | None = None) -> torch.Tensor:
+        """Like the model's `embed_images`, through the cache and the batcher; blocking."""
+        if isinstance(images, torch.Tensor):
+            if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+                raise InputError(f"pixel tensor: expected float [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+            if len(images) == 0:
+                return torch.empty(0, self.dim)
+            return torch.from_numpy(self.batcher.run("image", list(images.float().cpu())))
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        contents = [_image_content(image) for image in images]
+        found, keys, missing = self._lookup("image", contents)
+        if missing:
+            pixels = [self.preprocess(images[i]) for i in missing]
+            self._fill("image", found, keys, missing, self.batcher.run("image", pixels))
+        return torch.from_numpy(self._stack(found))
+
+    async def aembed_images(self, blobs: Sequence[bytes], names: Sequence[str] | None = None) -> np.ndarray:
+        """Embeddings of encoded images (uploads); decoding runs in a worker thread, the model in the batcher."""
+        from starlette.concurrency import run_in_threadpool
+
+        names = list(names) if names is not None else [describe(b) for b in blobs]
+        found, keys, missing = await run_in_threadpool(self._lookup, "image", list(blobs))
+        if missing:
+            pixels = await run_in_threadpool(lambda: [self.preprocess(blobs[i], names[i]) for i in missing])
+            self._fill("image", found, keys, missing, await self.batcher.arun("image", pixels))
+        return self._stack(found)
+
+    def preprocess(self, image: ImageInput, name: str | None = None) -> torch.Tensor:
+        """Decode (refusing more than `max_pixels`) and preprocess one image into pixels [3, H, W]."""
+        try:
+            rgb = load_image(image, max_pixels=self.max_pixels)
+        except InputError as e:
+            if name is None:
+                raise
+            reason = str(e).split(": ", 1)[-1]
+            raise InputError(f"{name}: {reason}") from None
+        return preprocess(rgb, self.model.config.vision.image_size, self.model.config.image)
+
+    # The cache
+
+    def _lookup(self, modality: str, contents: list[bytes | str]):
+        keys = [content_key(modality, content, self.name) for content in contents]
+        found = [self.cache.get(key) for key in keys]
+        missing = [i for i, vector in enumerate(found) if vector is None]
+        if self.metrics is not None:
+            self.metrics.cache_hits.labels(modality).inc(len(found) - len(missing))
+            self.metrics.cache_misses.labels(modality).inc(len(missing))
+        return found, keys, missing
+
+    def _fill(self, modality: str, found: list, keys: list, missing: list[int], rows: np.ndarray) -> None:
+        for i, row in zip(missing, rows):
+            found[i] = row
+            self.cache.put(keys[i], row)
+
+    def _stack(self, found: list[np.ndarray]) -> np.ndarray:
+        return np.stack(found).astype(np.float32, copy=False) if found else np.zeros((0, self.dim), np.float32)
+
+
+def _image_content(image: ImageInput) -> bytes:
+    """The bytes an image is cached by: a file's or upload's encoded bytes, or a decoded image's pixels."""
+    from PIL import Image
+
+    if isinstance(image, bytes):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise InputError(f"{path}: no such file")
+        return path.read_bytes()
+    if isinstance(image, np.ndarray):
+        return f"array {image.dtype} {image.shape}\0".encode() + np.ascontiguousarray(image).tobytes()
+    if isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        buffer.write(f"pil {image.mode} {image.size}\0".encode())
+        buffer.write(hashlib.sha256(image.tobytes()).digest())
+        return buffer.getvalue()
+    raise InputError(f"{describe(image)}: not an image (expected a path, bytes, PIL image or array)")

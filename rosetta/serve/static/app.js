@@ -1,0 +1,254 @@
+// Rosetta's page: search by text and/or image, zero-shot classification, uploads. No build step, no dependencies.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const KEY = "rosetta.apiKey";
+const state = { searchImage: null, classifyImage: null, thumbs: [], infoFailed: false };
+
+function headers() {
+  const key = localStorage.getItem(KEY);
+  return key ? { "X-API-Key": key } : {};
+}
+
+function show(text, ok = false) {
+  const box = $("message");
+  box.textContent = text;
+  box.className = ok ? "ok" : "";
+  box.hidden = !text;
+}
+
+// fetch with the API key; throws Error(message) built from the server's {"error": {"code", "message"}}.
+async function api(path, options = {}) {
+  const response = await fetch(path, { ...options, headers: { ...headers(), ...(options.headers || {}) } });
+  if (!response.ok) {
+    let message = `${response.status} ${response.statusText}`;
+    try {
+      const body = await response.json();
+      if (body && body.error) message = `${body.error.message} (${body.error.code})`;
+    } catch (_) { /* not JSON */ }
+    if (response.status === 401) message += " — enter the API key at the top right";
+    throw new Error(message);
+  }
+  return response;
+}
+
+async function refreshInfo() {
+  try {
+    const info = await (await api("/v1/info")).json();
+    $("model").textContent = `${info.model} · ${info.dim}d`;
+    $("store").textContent = info.store ? `${info.store.items} stored` : "no store";
+    if (state.infoFailed) show("");  // clear only our own earlier error, not another action's
+    state.infoFailed = false;
+  } catch (e) {
+    $("model").textContent = "";
+    $("store").textContent = "";
+    state.infoFailed = true;
+    show(e.message);
+  }
+}
+
+// Image pickers: a label around a file input, plus drag-and-drop onto it.
+function picker(dropId, inputId, previewId, onPick) {
+  const drop = $(dropId), input = $(inputId), preview = $(previewId);
+  const take = (file) => {
+    if (!file) return;
+    if (preview.src) URL.revokeObjectURL(preview.src);
+    preview.src = URL.createObjectURL(file);
+    preview.hidden = false;
+    onPick(file);
+  };
+  input.addEventListener("change", () => take(input.files[0]));
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    take(e.dataTransfer.files[0]);
+  });
+  drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); } });
+  return () => { input.value = ""; preview.hidden = true; preview.removeAttribute("src"); onPick(null); };
+}
+
+function updateWeights() {
+  const both = Boolean($("query-text").value.trim() && state.searchImage);
+  $("weight").disabled = !both;
+  const image = Number($("weight").value);
+  $("weight-label").textContent = both ? `${100 - image} / ${image}` : "—";
+}
+
+async function search() {
+  const text = $("query-text").value.trim();
+  if (!text && !state.searchImage) { show("Type a query or choose an image first."); return; }
+  const k = Number($("k").value), where = $("where").value.trim();
+  const image = Number($("weight").value) / 100;
+  let request;
+  if (state.searchImage) {
+    const form = new FormData();
+    if (text) {
+      form.append("text", text);
+      form.append("weights", String(1 - image));
+      form.append("weights", String(image));
+    }
+    form.append("image", state.searchImage);
+    form.append("k", String(k));
+    if (where) form.append("where", where);
+    request = { method: "POST", body: form };
+  } else {
+    const body = { text, k };
+    if (where) body.where = where;
+    request = { method: "POST", body: JSON.stringify(body), headers: { "Content-Type": "application/json" } };
+  }
+  const button = $("search-btn");
+  button.disabled = true;
+  try {
+    const { hits } = await (await api("/v1/search", request)).json();
+    renderHits(hits);
+    show(hits.length ? "" : "No results: the store is empty or nothing passes the filter.");
+  } catch (e) {
+    show(e.message);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function renderHits(hits) {
+  state.thumbs.forEach((url) => URL.revokeObjectURL(url));
+  state.thumbs = [];
+  const grid = $("results");
+  grid.replaceChildren();
+  for (const hit of hits) {
+    const card = document.createElement("figure");
+    card.className = "result";
+    card.style.margin = "0";
+    const img = document.createElement("img");
+    img.className = "thumb";
+    img.alt = hit.path || hit.id;
+    const meta = document.createElement("figcaption");
+    meta.className = "meta";
+    const name = document.createElement("span");
+    name.className = "name";
+    name.textContent = (hit.path || hit.id).split("/").pop();
+    name.title = hit.path || hit.id;
+    const score = document.createElement("span");
+    score.className = "score";
+    score.textContent = hit.score.toFixed(3);
+    meta.append(name, score);
+    card.append(img, meta);
+    grid.append(card);
+    if (hit.thumbnail) loadThumb(img, hit.thumbnail);
+  }
+}
+
+// Thumbnails go through fetch so that the API key header is sent; <img src> could not send it.
+async function loadThumb(img, url) {
+  try {
+    const blob = await (await api(url)).blob();
+    const src = URL.createObjectURL(blob);
+    state.thumbs.push(src);
+    img.src = src;
+  } catch (_) {
+    img.alt = "no thumbnail";
+  }
+}
+
+async function classify() {
+  if (!state.classifyImage) { show("Choose an image to classify first."); return; }
+  const labels = $("labels").value.split(",").map((s) => s.trim()).filter(Boolean);
+  if (!labels.length) { show("Type at least one label."); return; }
+  const form = new FormData();
+  form.append("image", state.classifyImage);
+  labels.forEach((label) => form.append("labels", label));
+  form.append("templates", $("templates").value);
+  const button = $("classify-btn");
+  button.disabled = true;
+  try {
+    const result = await (await api("/v1/classify", { method: "POST", body: form })).json();
+    renderClassification(result);
+    show("");
+  } catch (e) {
+    show(e.message);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function renderClassification(result) {
+  const out = $("classify-result");
+  out.replaceChildren();
+  const top = document.createElement("div");
+  const label = document.createElement("span");
+  label.className = "top-label";
+  label.textContent = result.label;
+  const score = document.createElement("span");
+  score.className = "top-score";
+  score.textContent = `${(100 * result.score).toFixed(1)}%`;
+  top.append(label, score);
+  out.append(top);
+  const rows = Object.entries(result.probs).sort((a, b) => b[1] - a[1]);
+  for (const [name, p] of rows) {
+    const bar = document.createElement("div");
+    bar.className = "bar";
+    const n = document.createElement("span");
+    n.className = "label";
+    n.textContent = name;
+    n.title = name;
+    const track = document.createElement("div");
+    track.className = "track";
+    const fill = document.createElement("div");
+    fill.className = "fill";
+    fill.style.width = `${Math.max(0, Math.min(100, 100 * p))}%`;
+    track.append(fill);
+    const pct = document.createElement("span");
+    pct.className = "pct";
+    pct.textContent = `${(100 * p).toFixed(1)}%`;
+    bar.append(n, track, pct);
+    out.append(bar);
+  }
+}
+
+async function indexFiles() {
+  const files = $("index-files").files;
+  if (!files.length) { show("Choose images to add first."); return; }
+  const form = new FormData();
+  for (const file of files) form.append("files", file);
+  const button = $("index-btn");
+  button.disabled = true;
+  try {
+    const result = await (await api("/v1/index", { method: "POST", body: form })).json();
+    show(`Added ${result.indexed.length} image(s); the store holds ${result.count}.`, true);
+    $("index-files").value = "";
+    refreshInfo();
+  } catch (e) {
+    show(e.message);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function init() {
+  $("api-key").value = localStorage.getItem(KEY) || "";
+  $("key-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const key = $("api-key").value.trim();
+    if (key) localStorage.setItem(KEY, key); else localStorage.removeItem(KEY);
+    refreshInfo();
+  });
+  const clearSearch = picker("search-drop", "search-file", "search-preview", (file) => {
+    state.searchImage = file;
+    $("search-clear").hidden = !file;
+    updateWeights();
+  });
+  $("search-clear").addEventListener("click", clearSearch);
+  picker("classify-drop", "classify-file", "classify-preview", (file) => { state.classifyImage = file; });
+  $("query-text").addEventListener("input", updateWeights);
+  $("query-text").addEventListener("keydown", (e) => { if (e.key === "Enter") search(); });
+  $("weight").addEventListener("input", updateWeights);
+  $("search-btn").addEventListener("click", search);
+  $("classify-btn").addEventListener("click", classify);
+  $("labels").addEventListener("keydown", (e) => { if (e.key === "Enter") classify(); });
+  $("index-btn").addEventListener("click", indexFiles);
+  updateWeights();
+  refreshInfo();
+}
+
+init();

@@ -1,0 +1,169 @@
+"""What only the embedded store does: HNSW past a threshold, an index file reconciled with SQLite, several
+handles on one directory."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+
+import faiss
+import numpy as np
+import pytest
+
+from rosetta.errors import RosettaError
+from rosetta.store.embedded import DB_FILE, INDEX_FILE, EmbeddedStore
+
+DIM = 32
+
+
+def unit(rng: np.random.Generator, n: int) -> np.ndarray:
+    x = rng.standard_normal((n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(1)
+    vectors = unit(rng, 1200)
+    ids = [f"v{i}" for i in range(len(vectors))]
+    metadata = [{"i": i, "even": "yes" if i % 2 == 0 else "no"} for i in range(len(vectors))]
+    return ids, vectors, metadata
+
+
+def ids_of(hits) -> list[str]:
+    return [h.id for h in hits]
+
+
+def exact_ids(ids, vectors, query, k, keep=lambda i: True):
+    order = [int(i) for i in np.argsort(-(vectors @ query)) if keep(int(i))]
+    return [ids[i] for i in order[:k]]
+
+
+def test_exact_below_the_threshold_hnsw_past_it(tmp_path, data):
+    ids, vectors, metadata = data
+    store = EmbeddedStore(tmp_path / "s", model="m", ann_threshold=1000, hnsw_m=16, ef_construction=80,
+                          ef_search=128)
+    store.add(ids[:900], vectors[:900], metadata[:900])
+    assert isinstance(store._index, faiss.IndexFlat)
+    store.add(ids[900:], vectors[900:], metadata[900:])
+    assert isinstance(store._index, faiss.IndexHNSWFlat)
+    queries = vectors[:50] * 0.7 + unit(np.random.default_rng(2), 50) * 0.7
+    recall = np.mean([len(set(ids_of(hits)) & set(exact_ids(ids, vectors, q, 10))) / 10
+                      for q, hits in zip(queries, store.search(queries, k=10))])
+    assert recall >= 0.9
+    store.close()
+    reopened = EmbeddedStore(tmp_path / "s")
+    assert isinstance(reopened._index, faiss.IndexHNSWFlat) and reopened._index.ntotal == len(ids)
+    assert reopened.params.ann_threshold == 1000 and reopened.params.hnsw_m == 16
+
+
+def test_hnsw_deletes_are_masked_then_rebuilt(tmp_path, data):
+    ids, vectors, metadata = data
+    store = EmbeddedStore(tmp_path / "s", model="m", ann_threshold=500)
+    store.add(ids, vectors, metadata)
+    store.remove(ids[:100])
+    assert store._index.ntotal == len(ids)  # HNSW cannot delete: masked
+    for q in (100, 150, 700):
+        hits = store.search(vectors[q], k=5)[0]
+        assert hits[0].id == ids[q] and not set(ids_of(hits)) & set(ids[:100])
+    for q in range(5):  # the removed vectors themselves no longer come back
+        assert ids[q] not in ids_of(store.search(vectors[q], k=20)[0])
+    store.remove(ids[100:300])  # past a fifth dead: rebuilt without them
+    assert store._index.ntotal == len(ids) - 300 == len(store)
+    assert store.search(vectors[400], k=1)[0][0].id == ids[400]
+
+
+def test_hnsw_with_a_narrow_filter_still_returns_k(tmp_path, data):
+    ids, vectors, metadata = data
+    store = EmbeddedStore(tmp_path / "s", model="m", ann_threshold=500, ef_search=16)
+    store.add(ids, vectors, metadata)
+    for predicate, keep in [("i < 8", lambda i: i < 8), ("even = 'yes'", lambda i: i % 2 == 0),
+                            ("i >= 3 and i < 1190", lambda i: 3 <= i < 1190)]:
+        hits = store.search(vectors[600], k=8, where=predicate)[0]
+        assert len(hits) == 8 and all(keep(h.metadata["i"]) for h in hits)
+        if predicate == "i < 8":
+            assert sorted(ids_of(hits)) == sorted(ids[:8])
+
+
+def test_a_stale_or_broken_index_file_is_reconciled_with_sqlite(tmp_path, data):
+    ids, vectors, metadata = data
+    path = tmp_path / "s"
+    store = EmbeddedStore(path, model="m")
+    store.add(ids[:300], vectors[:300], metadata[:300])
+    store.close()
+    shutil.copy(path / INDEX_FILE, tmp_path / "old.faiss")
+    store = EmbeddedStore(path)
+    store.add(ids[300:600], vectors[300:600], metadata[300:600])
+    store.remove(ids[:10])
+    store.close()
+    # As if the process had died before writing the index file: the file knows none of the last changes.
+    shutil.copy(tmp_path / "old.faiss", path / INDEX_FILE)
+    store = EmbeddedStore(path)
+    assert len(store) == 590 and store._index.ntotal == 590
+    assert store.search(vectors[450], k=1)[0][0].id == ids[450]
+    assert ids[3] not in ids_of(store.search(vectors[3], k=10)[0])
+    store.close()
+    (path / INDEX_FILE).write_bytes(b"garbage")
+    store = EmbeddedStore(path)
+    assert store._index.ntotal == 590 and store.search(vectors[20], k=1)[0][0].id == ids[20]
+
+
+def test_two_handles_see_each_others_commits(tmp_path, data):
+    ids, vectors, metadata = data
+    writer = EmbeddedStore(tmp_path / "s", model="m")
+    reader = EmbeddedStore(tmp_path / "s")
+    assert reader.dim is None
+    writer.add(ids[:50], vectors[:50], metadata[:50])
+    assert reader.search(vectors[7], k=1)[0][0].id == ids[7]
+    writer.remove([ids[7]])
+    writer.add([ids[8]], vectors[9:10], [{"i": 9}])
+    assert ids[7] not in ids_of(reader.search(vectors[7], k=5)[0])
+    assert reader.search(vectors[9], k=2)[0][1].id in (ids[8], ids[9])
+    assert len(reader) == 49
+    writer.close()
+    reader.close()
+
+
+def test_every_row_is_in_sqlite_once_with_its_vector(tmp_path, data):
+    ids, vectors, metadata = data
+    store = EmbeddedStore(tmp_path / "s", model="m")
+    store.add(ids[:20], vectors[:20], metadata[:20], hashes=["h"] * 20)
+    store.add(ids[:5], vectors[20:25], metadata[:5], hashes=["g"] * 5)
+    store.close()
+    db = sqlite3.connect(tmp_path / "s" / DB_FILE)
+    rows = db.execute("SELECT id, hash, vector FROM rows JOIN vectors USING (row) ORDER BY id").fetchall()
+    assert db.execute("SELECT count(*) FROM vectors").fetchone()[0] == 20
+    assert len(rows) == 20 == len({r[0] for r in rows})
+    stored = {r[0]: np.frombuffer(r[2], np.float32) for r in rows}
+    np.testing.assert_array_equal(stored[ids[0]], vectors[20])
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    model, dim = (db.execute(f"SELECT value FROM meta WHERE key = '{k}'").fetchone()[0] for k in ("model", "dim"))
+    assert (model, dim) == ('"m"', "32")
+
+
+def test_refuses_a_directory_that_is_not_a_store(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    with pytest.raises(RosettaError, match="not a Rosetta store"):
+        EmbeddedStore(tmp_path / "photos", model="m")
+    with pytest.raises(RosettaError, match="not a directory"):
+        EmbeddedStore(tmp_path / "photos" / "a.jpg", model="m")
+    EmbeddedStore(tmp_path / "s", model="m", ann_threshold=10).close()
+    with pytest.raises(RosettaError, match="created with ann_threshold=10"):
+        EmbeddedStore(tmp_path / "s", ann_threshold=20)
+
+
+def test_a_broken_database_is_one_line(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / DB_FILE).write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(RosettaError, match="not a readable store database"):
+        EmbeddedStore(tmp_path / "s")
+
+
+def test_unknown_locations_are_refused(tmp_path):
+    from rosetta.store import open_store
+
+    with pytest.raises(RosettaError, match="unknown store location"):
+        open_store("s3://bucket/store", model="m")
+    with pytest.raises(RosettaError, match="no Milvus index options|take no index options"):
+        open_store(str(tmp_path / "x.db"), model="m", ann_threshold=5)
