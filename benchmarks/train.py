@@ -95,8 +95,8 @@ def main() -> None:
         criterion = ClipLoss()
 
         def step(pixels, ids):
-            out = model(pixels, ids)
-            loss = criterion(out["image_features"], out["text_features"], out["logit_scale"])
+            image, text, scale = model(pixels, ids)[:3]
+            loss = criterion(image, text, scale)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

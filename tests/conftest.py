@@ -52,6 +52,16 @@ def clip_bpe_dir(tmp_path_factory) -> Path:
     return write_clip_bpe(tmp_path_factory.mktemp("clip_bpe"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models: one thread runs them fastest, and does not slow to a crawl when other
+    processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

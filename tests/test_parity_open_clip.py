@@ -28,14 +28,7 @@ ATOL = 1e-4
 IMAGE_SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: one thread runs them fastest, and does not slow to a crawl when other
-    processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEXTS = [
     "a photo of a cat",
