@@ -110,31 +110,35 @@ def main() -> None:
     print(f"threads: {torch.get_num_threads()}, cpu: {torch.backends.cpu.get_cpu_capability()}, native bf16: "
           f"{cpu_has_fast_bf16()}, Rosetta fast path: {'bf16 autocast' if fast else 'fp32'}")
     print(f"ViT-B/32 CLIP, batch {args.batch_size}, {args.steps} timed steps each\n")
-    m = fresh_peer()
-    peer_fp32, peer_losses = run(peer_step(m, adamw(m)), batches, None)
-    m = fresh_peer()
-    peer_bf16, _ = run(peer_step(m, adamw(m)), batches, torch.bfloat16)
+
+    def measured(name: str, value: float) -> float:
+        print(f"{name:26s} {value:7.2f} samples/s", flush=True)
+        return value
+
     m = fresh_ours()
     ours_fp32, our_losses = run(ours_step(m, adamw(m)), batches, None)
-    if fast:
-        m = fresh_ours()
-        ours_fast, _ = run(ours_step(m, adamw(m)), batches, fast)
-    else:
-        ours_fast = ours_fp32
-
-    rows = [("open_clip fp32", peer_fp32), ("open_clip bf16 autocast", peer_bf16), ("rosetta fp32", ours_fp32),
-            ("rosetta fast path", ours_fast)]
-    for name, value in rows:
-        print(f"{name:26s} {value:7.2f} samples/s   x{value / peer_bf16:.2f} vs open_clip bf16   "
-              f"x{value / peer_fp32:.2f} vs open_clip fp32")
-    peak = peak_flops(torch.device("cpu"), fast or torch.float32)
-    mfu = train_flops(config) * ours_fast / peak
-    print(f"\nRosetta MFU (fast path): {mfu:.1%} of this CPU's {peak / 1e9:.0f} GFLOP/s peak")
+    measured("rosetta fp32", ours_fp32)
+    m = fresh_peer()
+    peer_fp32, peer_losses = run(peer_step(m, adamw(m)), batches, None)
+    measured("open_clip fp32", peer_fp32)
     diffs = [abs(a - b) for a, b in zip(our_losses, peer_losses)]
     print("fp32 losses, step by step:")
     for i, (a, b) in enumerate(zip(our_losses, peer_losses)):
         print(f"  step {i}: rosetta {a:.6f}  open_clip {b:.6f}")
     print(f"max |difference|: {max(diffs):.2e}")
+    if fast:
+        m = fresh_ours()
+        ours_fast = measured("rosetta fast path", run(ours_step(m, adamw(m)), batches, fast)[0])
+    else:
+        ours_fast = ours_fp32
+    m = fresh_peer()
+    peer_bf16 = measured("open_clip bf16 autocast", run(peer_step(m, adamw(m)), batches, torch.bfloat16)[0])
+
+    print(f"\nrosetta fast path vs open_clip bf16 autocast: x{ours_fast / peer_bf16:.2f}; "
+          f"vs open_clip fp32: x{ours_fast / peer_fp32:.2f}")
+    peak = peak_flops(torch.device("cpu"), fast or torch.float32)
+    mfu = train_flops(config) * ours_fast / peak
+    print(f"\nRosetta MFU (fast path): {mfu:.1%} of this CPU's {peak / 1e9:.0f} GFLOP/s peak")
 
 
 if __name__ == "__main__":
