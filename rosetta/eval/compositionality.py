@@ -26,9 +26,7 @@ def compositionality(model, records: Iterable[dict], batch_size: int = 64, image
     if not rows:
         raise InputError("compositionality: no records with an image, a caption and a hard negative")
     images = ImageEmbeddings(model, batch_size) if images is None else images
-    image_vectors, kept = images([r["image"] for r in rows])
-    if not kept:
-        raise InputError(f"compositionality: none of the {len(rows)} images could be loaded")
+    image_vectors, kept = images.of_records("compositionality", rows)
     rows = [rows[i] for i in kept]
     texts = embed_texts(model, [r["text"] for r in rows] + [r["negative"] for r in rows], batch_size)
     caption, negative = texts[: len(rows)], texts[len(rows) :]

@@ -59,6 +59,13 @@ class ImageEmbeddings:
             return torch.empty(0), []
         return torch.stack([self._vectors[keys[i]] for i in kept]), kept
 
+    def of_records(self, task: str, rows: Sequence[dict]) -> tuple[torch.Tensor, list[int]]:
+        """Embeddings of the rows' images and the positions of those that load; an error if none does."""
+        vectors, kept = self([r["image"] for r in rows])
+        if not kept:
+            raise InputError(f"{task}: none of the {len(rows)} images could be loaded")
+        return vectors, kept
+
     def _embed(self, batch: list) -> list[torch.Tensor | None]:
         try:
             return list(normalised(self.model.embed_images(batch, batch_size=len(batch), progress=False)))
@@ -127,9 +134,7 @@ def retrieval(model, records: Iterable[dict], batch_size: int = 64, images: Imag
     if not pairs:
         raise InputError("retrieval: no records with an image and a caption")
     images = ImageEmbeddings(model, batch_size) if images is None else images
-    image_vectors, kept = images([r["image"] for r in pairs])
-    if not kept:
-        raise InputError(f"retrieval: none of the {len(pairs)} images could be loaded")
+    image_vectors, kept = images.of_records("retrieval", pairs)
     image_ids: dict[Hashable, int] = {}
     text_ids: dict[str, int] = {}
     first_row: list[int] = []  # row in image_vectors of each distinct image

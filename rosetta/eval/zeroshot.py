@@ -39,9 +39,7 @@ def zeroshot(
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise InputError(f"zeroshot: label {unknown[0]!r}{more} is not one of the {len(classes)} classes")
     images = ImageEmbeddings(model, batch_size) if images is None else images
-    image_vectors, kept = images([r["image"] for r in rows])
-    if not kept:
-        raise InputError(f"zeroshot: none of the {len(rows)} images could be loaded")
+    image_vectors, kept = images.of_records("zeroshot", rows)
     target = torch.tensor([index[labels[i]] for i in kept])
     scores = image_vectors @ normalised(model.classifier(classes, templates)).T
     own = scores.gather(1, target[:, None])
