@@ -33,16 +33,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX); without it bf16 is slower than fp32."""
-    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return bool(set(cpuinfo("flags").split()) & {"avx512_bf16", "amx_bf16"})
 
 
-def _cpu_flags() -> set[str]:
+def cpuinfo(field: str) -> str:
+    """The value of `field` for the first CPU in /proc/cpuinfo; "" where it is absent or unreadable."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
+        return ""
+    line = next((line for line in text.splitlines() if line.startswith(field)), "")
+    return line.split(":", 1)[-1].strip()
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from rosetta.models.config import ContrastiveConfig
@@ -54,10 +52,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def _cpu_hz() -> float:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("cpu MHz"):
-                return float(line.split(":")[1]) * 1e6
-    except OSError:
-        pass
-    return 2.5e9
+    from rosetta.models.io import cpuinfo
+
+    mhz = cpuinfo("cpu MHz")
+    return float(mhz) * 1e6 if mhz else 2.5e9
