@@ -236,3 +236,18 @@ def test_bf16_autocast_trains_close_to_fp32(shapes, tmp_path):
     final = train(load_config(recipe(shapes, tmp_path / "bf16", precision="bf16")))
     assert losses(tmp_path / "bf16") == pytest.approx(losses(tmp_path / "fp32"), abs=0.05)
     assert all(t.dtype == torch.float32 for t in weights(final).values())  # autocast keeps fp32 master weights
+
+
+def test_quickstart_runs_the_recipe_end_to_end(tmp_path):
+    """The README's main job, through the CLI, on 240 images and one epoch: every stage and artefact."""
+    out = tmp_path / "q"
+    done = subprocess.run([sys.executable, "-m", "rosetta", "quickstart", "--out", str(out), "--n", "240",
+                           "--epochs", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "acc1" in done.stdout and "rosetta classify --model" in done.stdout
+    results = {r["task"]: r["metrics"] for r in json.loads((out / "results.json").read_text())}
+    assert {"zeroshot_classification", "zeroshot_retrieval", "image_caption_selection"} <= results.keys()
+    assert 0 <= results["zeroshot_classification"]["acc1"] <= 1
+    model = rosetta.load(out / "run" / "model")
+    assert model.config.vision.stem == "conv"  # the recipe's model, not a default
+    assert list((out / "run" / "plots").glob("*.png"))

@@ -161,8 +161,8 @@ def export_config(config: ContrastiveConfig, eos_token_id: int, bos_token_id: in
     """A transformers CLIPConfig for a model of CLIP's architecture."""
     v, t = config.vision, config.text
     compatible = (
-        v.pool == "cls" and v.class_token and v.pre_norm and not v.patch_bias and config.vision_proj
-        and t.causal and t.pool == "eos" and not t.proj_bias and config.loss == "softmax"
+        v.stem == "patch" and v.pool == "cls" and v.class_token and v.pre_norm and not v.patch_bias
+        and config.vision_proj and t.causal and t.pool == "eos" and not t.proj_bias and config.loss == "softmax"
     )
     if not compatible:
         raise RosettaError("only models of CLIP's architecture can be exported to transformers' CLIPModel")

@@ -43,10 +43,19 @@ class VisionConfig:
     pre_norm: bool = True  # CLIP normalises patch tokens before the first block; SigLIP does not
     patch_bias: bool = False
     pool: str = "cls"  # "cls", "mean" (over patch tokens) or "map" (attention pooling with a learned probe)
+    # "patch": one linear projection per patch (ViT); "conv": 3x3 stride-2 convolutions down to the patch grid,
+    # which learn shapes from little data much faster (Xiao et al. 2021, "Early convolutions help transformers
+    # see better")
+    stem: str = "patch"
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def stem_channels(self) -> tuple[int, ...]:
+        """Output channels of the conv stem's stride-2 convolutions: from a quarter of the width, doubling up to it."""
+        return tuple(min(self.width, (self.width // 4) << i) for i in range(self.patch_size.bit_length() - 1))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from rosetta.errors import InputError
 from rosetta.modalities.image import ImageInput, load_image, preprocess
 from rosetta.modalities.text import TextTokenizer, byte_tokenizer
 from rosetta.models.config import ContrastiveConfig
-from rosetta.models.encoders import TextTransformer, VisionTransformer
+from rosetta.models.encoders import ConvStem, TextTransformer, VisionTransformer
 from rosetta.templates import resolve_templates
 
 T = TypeVar("T")
@@ -68,6 +68,8 @@ class ContrastiveModel(nn.Module):
         if isinstance(self.vision_proj, nn.Linear):
             nn.init.normal_(self.vision_proj.weight, std=self.config.vision.width**-0.5)
         nn.init.normal_(self.text_proj.weight, std=self.config.text.width**-0.5)
+        if isinstance(self.vision.patch_embed, ConvStem):
+            self.vision.patch_embed.reset_parameters()
 
     @property
     def device(self) -> torch.device:

@@ -25,12 +25,43 @@ class AttentionPool(nn.Module):
         return pooled[:, 0]
 
 
+class ConvStem(nn.Sequential):
+    """Pixels to the patch grid through 3x3 stride-2 convolutions, then a 1x1 projection to the width."""
+
+    def __init__(self, cfg: VisionConfig):
+        if cfg.patch_size < 2 or cfg.patch_size & (cfg.patch_size - 1):
+            raise ValueError(f"the conv stem needs a power-of-two patch size, not {cfg.patch_size}")
+        layers: list[nn.Module] = []
+        channels = 3
+        for out in cfg.stem_channels:
+            layers += [nn.Conv2d(channels, out, 3, 2, 1), nn.GELU()]
+            channels = out
+        super().__init__(*layers, nn.Conv2d(channels, cfg.width, 1, bias=cfg.patch_bias))
+
+    def reset_parameters(self) -> None:
+        """He initialisation: CLIP's small normal weights would fade the signal through the stacked convolutions."""
+        for conv in self:
+            if isinstance(conv, nn.Conv2d):
+                nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+                if conv.bias is not None:
+                    nn.init.zeros_(conv.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:  # the first layer's, for the input dtype
+        return self[0].weight
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
         width = cfg.width
-        self.patch_embed = nn.Conv2d(3, width, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
+        if cfg.stem == "conv":
+            self.patch_embed = ConvStem(cfg)
+        elif cfg.stem == "patch":
+            self.patch_embed = nn.Conv2d(3, width, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
+        else:
+            raise ValueError(f"unknown vision stem {cfg.stem!r}")
         self.cls_token = nn.Parameter(torch.zeros(width)) if cfg.class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(cfg.num_patches + cfg.class_token, width))
         self.norm_pre = nn.LayerNorm(width, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()

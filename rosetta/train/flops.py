@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rosetta.models.config import ContrastiveConfig
+from rosetta.models.config import ContrastiveConfig, VisionConfig
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) of common accelerators, by a substring of the device name.
 _GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40": 181.0, "A10": 125.0, "L4": 121.0,
@@ -18,13 +18,22 @@ def _transformer_flops(tokens: int, width: int, layers: int, mlp_dim: int) -> fl
     return layers * (projections + attention)
 
 
+def _stem_flops(v: VisionConfig) -> float:
+    if v.stem == "patch":
+        return 2 * v.num_patches * (3 * v.patch_size**2) * v.width
+    flops, channels, side = 0.0, 3, v.image_size
+    for out in v.stem_channels:  # 3x3 stride-2 convolutions, then the 1x1 projection
+        side = (side + 1) // 2
+        flops += 2 * side * side * 9 * channels * out
+        channels = out
+    return flops + 2 * side * side * channels * v.width
+
+
 def tower_flops(config: ContrastiveConfig) -> tuple[float, float]:
     """Forward FLOPs of one image through the vision tower and one text through the text tower, projections included."""
     v, t = config.vision, config.text
     tokens = v.num_patches + int(v.class_token)
-    vision = 2 * v.num_patches * (3 * v.patch_size**2) * v.width + _transformer_flops(
-        tokens, v.width, v.layers, v.mlp_dim
-    )
+    vision = _stem_flops(v) + _transformer_flops(tokens, v.width, v.layers, v.mlp_dim)
     if v.pool == "map":
         vision += 2 * (tokens * 2 * v.width * v.width + 2 * v.width * v.width + 2 * v.width * v.mlp_dim)
     vision += 2 * config.embed_dim * v.width * config.vision_proj
