@@ -1,4 +1,4 @@
-"""What only the embedded store does: HNSW past a threshold, an index file reconciled with SQLite, several
+"""What only the embedded store does: IVF or HNSW past a threshold, an index file reconciled with SQLite, several
 handles on one directory."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rosetta.errors import RosettaError
-from rosetta.store.embedded import DB_FILE, INDEX_FILE, EmbeddedStore
+from rosetta.store.embedded import DB_FILE, INDEX_FILE, EmbeddedStore, IndexParams
 
 DIM = 32
 
@@ -39,30 +39,75 @@ def exact_ids(ids, vectors, query, k, keep=lambda i: True):
     return [ids[i] for i in order[:k]]
 
 
-def test_exact_below_the_threshold_hnsw_past_it(tmp_path, data):
+APPROXIMATE = {"ivf": faiss.IndexIVFFlat, "hnsw": faiss.IndexHNSWFlat}
+
+
+def recall_at_10(store, ids, vectors) -> float:
+    queries = vectors[:50] * 0.7 + unit(np.random.default_rng(2), 50) * 0.7
+    return float(np.mean([len(set(ids_of(hits)) & set(exact_ids(ids, vectors, q, 10))) / 10
+                          for q, hits in zip(queries, store.search(queries, k=10))]))
+
+
+@pytest.mark.parametrize("ann", APPROXIMATE)
+def test_exact_below_the_threshold_approximate_past_it(tmp_path, data, ann):
     ids, vectors, metadata = data
-    store = EmbeddedStore(tmp_path / "s", model="m", ann_threshold=1000, hnsw_m=16, ef_construction=80,
-                          ef_search=128)
+    store = EmbeddedStore(tmp_path / "s", model="m", ann_threshold=1000, ann=ann, hnsw_m=16, ef_construction=80,
+                          ef_search=128, nprobe=8)
     store.add(ids[:900], vectors[:900], metadata[:900])
     assert isinstance(store._index, faiss.IndexFlat)
+    assert recall_at_10(store, ids[:900], vectors[:900]) == 1.0
     store.add(ids[900:], vectors[900:], metadata[900:])
-    assert isinstance(store._index, faiss.IndexHNSWFlat)
-    queries = vectors[:50] * 0.7 + unit(np.random.default_rng(2), 50) * 0.7
-    recall = np.mean([len(set(ids_of(hits)) & set(exact_ids(ids, vectors, q, 10))) / 10
-                      for q, hits in zip(queries, store.search(queries, k=10))])
-    assert recall >= 0.9
+    assert isinstance(store._index, APPROXIMATE[ann])
+    assert recall_at_10(store, ids, vectors) >= (0.9 if ann == "hnsw" else 0.5)  # IVF: 8 of 30 lists, 32-d
     store.close()
-    reopened = EmbeddedStore(tmp_path / "s")
-    assert isinstance(reopened._index, faiss.IndexHNSWFlat) and reopened._index.ntotal == len(ids)
-    assert reopened.params.ann_threshold == 1000 and reopened.params.hnsw_m == 16
+    reopened = EmbeddedStore(tmp_path / "s", nprobe=30)
+    assert isinstance(reopened._index, APPROXIMATE[ann]) and reopened._index.ntotal == len(ids)
+    assert reopened.params.ann_threshold == 1000 and reopened.params.ann == ann and reopened.params.hnsw_m == 16
+    if ann == "ivf":  # every list probed: exact
+        assert reopened._index.nlist == 30 and recall_at_10(reopened, ids, vectors) == 1.0
+    with pytest.raises(RosettaError, match=f"created with ann={ann}"):
+        EmbeddedStore(tmp_path / "s", ann="hnsw" if ann == "ivf" else "ivf")
 
 
-def test_hnsw_deletes_are_masked_then_rebuilt(tmp_path, data):
+def test_ivf_lists_are_retrained_when_twice_as_many_are_due(tmp_path):
+    rng = np.random.default_rng(3)
+    vectors = unit(rng, 5000)
+    ids = [f"v{i}" for i in range(len(vectors))]
+    store = EmbeddedStore(tmp_path / "s", model="m", ann_threshold=1000, nprobe=4)
+    store.add(ids[:1000], vectors[:1000])
+    assert store._index.nlist == IndexParams.ivf_lists(1000) == 25  # 39 training vectors a list
+    store.add(ids[1000:1900], vectors[1000:1900])  # 48 lists due: the same 25
+    assert store._index.nlist == 25 and store._index.ntotal == 1900
+    store.add(ids[1900:], vectors[1900:])
+    assert store._index.nlist == IndexParams.ivf_lists(5000) == 128 and store._index.ntotal == 5000
+    assert IndexParams.ivf_lists(1_000_000) == 4000  # 4 sqrt(n) for large n
+    assert [h.id for h in store.search(vectors[4321], k=1)[0]] == [ids[4321]]
+
+
+def test_a_store_made_before_ivf_keeps_hnsw(tmp_path, data):
     ids, vectors, metadata = data
-    store = EmbeddedStore(tmp_path / "s", model="m", ann_threshold=500)
+    EmbeddedStore(tmp_path / "s", model="m", ann_threshold=500).close()
+    db = sqlite3.connect(tmp_path / "s" / DB_FILE)
+    with db:
+        db.execute("DELETE FROM meta WHERE key IN ('ann', 'nprobe')")
+    db.close()
+    store = EmbeddedStore(tmp_path / "s")
+    store.add(ids, vectors, metadata)
+    assert store.params.ann == "hnsw" and isinstance(store._index, faiss.IndexHNSWFlat)
+
+
+def test_an_unknown_index_kind_is_refused(tmp_path):
+    with pytest.raises(RosettaError, match="'ivf' or 'hnsw'"):
+        EmbeddedStore(tmp_path / "s", model="m", ann="lsh")
+
+
+@pytest.mark.parametrize("ann", APPROXIMATE)
+def test_approximate_deletes_are_masked_then_rebuilt(tmp_path, data, ann):
+    ids, vectors, metadata = data
+    store = EmbeddedStore(tmp_path / "s", model="m", ann_threshold=500, ann=ann)
     store.add(ids, vectors, metadata)
     store.remove(ids[:100])
-    assert store._index.ntotal == len(ids)  # HNSW cannot delete: masked
+    assert store._index.ntotal == len(ids)  # not deleted from the index: masked
     for q in (100, 150, 700):
         hits = store.search(vectors[q], k=5)[0]
         assert hits[0].id == ids[q] and not set(ids_of(hits)) & set(ids[:100])
@@ -70,12 +115,14 @@ def test_hnsw_deletes_are_masked_then_rebuilt(tmp_path, data):
         assert ids[q] not in ids_of(store.search(vectors[q], k=20)[0])
     store.remove(ids[100:300])  # past a fifth dead: rebuilt without them
     assert store._index.ntotal == len(ids) - 300 == len(store)
+    assert isinstance(store._index, APPROXIMATE[ann])
     assert store.search(vectors[400], k=1)[0][0].id == ids[400]
 
 
-def test_hnsw_with_a_narrow_filter_still_returns_k(tmp_path, data):
+@pytest.mark.parametrize("ann", APPROXIMATE)
+def test_approximate_with_a_narrow_filter_still_returns_k(tmp_path, data, ann):
     ids, vectors, metadata = data
-    store = EmbeddedStore(tmp_path / "s", model="m", ann_threshold=500, ef_search=16)
+    store = EmbeddedStore(tmp_path / "s", model="m", ann_threshold=500, ann=ann, ef_search=16, nprobe=1)
     store.add(ids, vectors, metadata)
     for predicate, keep in [("i < 8", lambda i: i < 8), ("even = 'yes'", lambda i: i % 2 == 0),
                             ("i >= 3 and i < 1190", lambda i: 3 <= i < 1190)]:

@@ -19,9 +19,9 @@ def open_store(location: str | Path, model: str | None = None, dim: int | None =
     """Open (or, given `model`, create) the store at `location`.
 
     A directory path is the embedded store (FAISS + SQLite; `options` are its index parameters:
-    ann_threshold, hnsw_m, ef_construction, ef_search). `milvus://host:port/collection` is a Milvus
-    collection, and a path ending in `.db` a milvus-lite file (collection "rosetta"). A store
-    remembers the model and dimension that built it and refuses others.
+    ann_threshold, ann ("ivf" or "hnsw"), nprobe, hnsw_m, ef_construction, ef_search).
+    `milvus://host:port/collection` is a Milvus collection, and a path ending in `.db` a milvus-lite
+    file (collection "rosetta"). A store remembers the model and dimension that built it and refuses others.
     """
     location = str(location)
     if location.startswith("milvus://") or location.endswith(".db"):

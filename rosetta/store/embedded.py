@@ -12,9 +12,11 @@ adding the rows it lacks and dropping those removed since, so nothing committed 
 
 Rows get an increasing int64 `row` number that is never reused (an update is a delete plus an
 insert); the index stores vectors in row order and keeps `rows[position] = row`. Below
-`ann_threshold` rows the index is exact (IndexFlatIP); past it, HNSW (IndexHNSWFlat, inner
-product), which cannot delete, so removed positions are masked out of searches until they pass
-a fifth of the index and it is rebuilt. Other processes' commits are picked up before each search.
+`ann_threshold` rows the index is exact (IndexFlatIP); past it, an approximate one: IVF (the
+default: IndexIVFFlat with about 4 sqrt(N) k-means lists, retrained when twice as many are due;
+`nprobe` lists searched per query) or HNSW (IndexHNSWFlat; `ef_search` candidates per query). Neither
+deletes cheaply, so removed positions are masked out of searches until they pass a fifth of the
+index and it is rebuilt. Other processes' commits are picked up before each search.
 """
 
 from __future__ import annotations
@@ -54,20 +56,28 @@ CREATE TABLE IF NOT EXISTS removed (seq INTEGER PRIMARY KEY AUTOINCREMENT, row I
 
 @dataclass(frozen=True)
 class IndexParams:
-    """How the vector index is built. Recorded when the store is created; `ef_search` may be changed on open."""
+    """How the vector index is built. Recorded when the store is created; `ef_search` and `nprobe` may be changed
+    on open."""
 
-    ann_threshold: int = 50_000  # rows from which HNSW replaces exact search
-    hnsw_m: int = 16  # graph degree
-    ef_construction: int = 40  # candidates explored per insertion: builds 1M x 512 in minutes on 2 cores
-    ef_search: int = 192  # candidates explored per query: recall vs latency (see benchmarks/search.py)
+    ann_threshold: int = 50_000  # rows from which an approximate index replaces exact search
+    ann: str = "ivf"  # "ivf" (k-means lists: builds 1M x 512 in minutes on 2 cores) or "hnsw" (a graph)
+    hnsw_m: int = 16  # HNSW: graph degree
+    ef_construction: int = 40  # HNSW: candidates explored per insertion
+    ef_search: int = 192  # HNSW: candidates explored per query: recall vs latency (see benchmarks/search.py)
+    nprobe: int = 32  # IVF: lists searched per query: recall vs latency (see benchmarks/search.py)
+
+    @staticmethod
+    def ivf_lists(n: int) -> int:
+        """k-means lists for n vectors: 4 sqrt(n) (FAISS's guidance), with 39 training vectors per list."""
+        return max(1, min(int(4 * n**0.5), n // 39))
 
 
 class EmbeddedStore:
     """A persistent, crash-safe vector store in one directory (see the module docstring)."""
 
     def __init__(self, path: str | Path, model: str | None = None, dim: int | None = None,
-                 ann_threshold: int | None = None, hnsw_m: int | None = None,
-                 ef_construction: int | None = None, ef_search: int | None = None):
+                 ann_threshold: int | None = None, ann: str | None = None, hnsw_m: int | None = None,
+                 ef_construction: int | None = None, ef_search: int | None = None, nprobe: int | None = None):
         self.path = Path(path)
         self.location = str(self.path)
         db = self.path / DB_FILE
@@ -83,8 +93,8 @@ class EmbeddedStore:
         self._conn: sqlite3.Connection | None = sqlite3.connect(
             db, timeout=60, isolation_level=None, check_same_thread=False)
         try:
-            self._open(model, dim, ef_search, {"ann_threshold": ann_threshold, "hnsw_m": hnsw_m,
-                                               "ef_construction": ef_construction})
+            built = {"ann_threshold": ann_threshold, "ann": ann, "hnsw_m": hnsw_m, "ef_construction": ef_construction}
+            self._open(model, dim, {"ef_search": ef_search, "nprobe": nprobe}, built)
         except sqlite3.DatabaseError as e:
             self._conn.close()
             raise RosettaError(f"{db}: not a readable store database ({e})") from None
@@ -92,8 +102,14 @@ class EmbeddedStore:
             self._conn.close()
             raise
 
-    def _open(self, model: str | None, dim: int | None, ef_search: int | None, given: dict[str, int | None]) -> None:
-        """Create the tables and the identity if new, read them, check them, and load the index."""
+    def _open(self, model: str | None, dim: int | None, search: dict[str, int | None],
+              given: dict[str, Any]) -> None:
+        """Create the tables and the identity if new, read them, check them, and load the index.
+
+        `given` are the index's build parameters, fixed when the store is created; `search` its search
+        parameters, recorded then too but changeable for one handle."""
+        if given["ann"] not in (None, "ivf", "hnsw"):
+            raise RosettaError(f"ann={given['ann']!r}: the approximate index is 'ivf' or 'hnsw'")
         # 16 KiB pages hold seven 2 KiB vectors (4 KiB pages would hold one, half empty); new databases only.
         self._db.execute("PRAGMA page_size=16384")
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -108,19 +124,19 @@ class EmbeddedStore:
             initial = {
                 "format": FORMAT, "model": model, "dim": dim,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                **{k: v if v is not None else getattr(defaults, k) for k, v in given.items()},
-                "ef_search": ef_search or defaults.ef_search,
+                **{k: v if v is not None else getattr(defaults, k) for k, v in (given | search).items()},
             }
-            self._db.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)",
-                                 [(k, json.dumps(v)) for k, v in initial.items()])
+            if not self._db.execute("SELECT count(*) FROM meta").fetchone()[0]:  # a new store
+                self._db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in initial.items()])
         meta = {k: json.loads(v) for k, v in self._db.execute("SELECT key, value FROM meta")}
         if meta["format"] != FORMAT:
             raise RosettaError(f"{self.path}: store format {meta['format']}, this Rosetta reads format {FORMAT}")
         self.model: str = meta["model"]
         self.dim: int | None = meta["dim"]
         self.created_at: str = meta["created_at"]
-        self.params = IndexParams(meta["ann_threshold"], meta["hnsw_m"], meta["ef_construction"],
-                                  ef_search or meta["ef_search"])
+        meta.setdefault("ann", "hnsw")  # stores made before IVF was added
+        meta.setdefault("nprobe", IndexParams.nprobe)
+        self.params = IndexParams(**{k: search.get(k) or meta[k] for k in IndexParams.__dataclass_fields__})
         check_model(self, model, dim)
         for name, value in given.items():
             if value is not None and value != getattr(self.params, name):
@@ -129,10 +145,10 @@ class EmbeddedStore:
             self._set_dim(dim)
         self._index: faiss.Index | None = None
         self._rows = np.zeros(0, np.int64)  # row number of each index position, ascending
-        self._live = np.zeros(0, bool)  # positions not removed (HNSW cannot delete)
+        self._live = np.zeros(0, bool)  # positions not removed (approximate indexes mask them)
         self._dead = 0  # positions removed but still in the index
         self._version = None  # SQLite's data_version when we last synced: it moves when others commit
-        self._hnsw_params: dict[int, faiss.SearchParametersHNSW] = {}  # by k, reused (no selector in them)
+        self._search_params: dict[int, faiss.SearchParameters] = {}  # by k, reused (no selector in them)
         self._seen_row = 0  # every committed row up to this one is reflected in the index
         self._seen_removed = 0  # removals up to this seq are reflected
         self._checkpointed = 0  # index size at the last write of the index file
@@ -311,23 +327,34 @@ class EmbeddedStore:
         if k_eff == 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         selector = None if mask is None else _Bitmap(mask)
-        if isinstance(self._index, faiss.IndexHNSWFlat) and candidates >= self.params.ann_threshold:
+        if not isinstance(self._index, faiss.IndexFlat) and candidates >= self.params.ann_threshold:
             if selector is None:
-                params = self._hnsw_params.get(k_eff) or self._hnsw_params.setdefault(
-                    k_eff, faiss.SearchParametersHNSW(efSearch=max(self.params.ef_search, k_eff)))
+                params = self._search_params.get(k_eff) or self._search_params.setdefault(
+                    k_eff, self._approximate_params(k_eff))
             else:
-                params = faiss.SearchParametersHNSW(efSearch=max(self.params.ef_search, k_eff), sel=selector.selector)
+                params = self._approximate_params(k_eff, selector.selector)
             scores, positions = self._index.search(queries, k_eff, params=params)
             short = (positions < 0).any(axis=1)
-            if short.any():  # a filter can strand the graph search: answer those queries exactly
-                exact_scores, exact_positions = self._exact(queries[short], k_eff, selector)
+            if short.any():  # a narrow filter can strand the graph or the probed lists: answer exactly
+                exact_scores, exact_positions = self._exact(queries[short], k_eff, mask)
                 scores[short], positions[short] = exact_scores, exact_positions
             return scores, positions
-        return self._exact(queries, k_eff, selector)
+        return self._exact(queries, k_eff, mask)
 
-    def _exact(self, queries: np.ndarray, k: int, selector: _Bitmap | None) -> tuple[np.ndarray, np.ndarray]:
+    def _approximate_params(self, k: int, selector: faiss.IDSelector | None = None) -> faiss.SearchParameters:
+        if isinstance(self._index, faiss.IndexIVF):
+            return faiss.SearchParametersIVF(nprobe=self.params.nprobe, sel=selector)
+        return faiss.SearchParametersHNSW(efSearch=max(self.params.ef_search, k), sel=selector)
+
+    def _exact(self, queries: np.ndarray, k: int, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Exhaustive search over the positions in `mask` (None: all)."""
+        if isinstance(self._index, faiss.IndexIVF):  # its vectors are spread over the lists: gather the allowed
+            positions = np.arange(self._index.ntotal) if mask is None else np.flatnonzero(mask)
+            scores, found = faiss.knn(queries, self._index.reconstruct_batch(positions), k,
+                                      metric=faiss.METRIC_INNER_PRODUCT)
+            return scores, np.where(found >= 0, positions[found], -1)
         flat = self._index if isinstance(self._index, faiss.IndexFlat) else faiss.downcast_index(self._index.storage)
-        params = None if selector is None else faiss.SearchParameters(sel=selector.selector)
+        params = None if mask is None else faiss.SearchParameters(sel=_Bitmap(mask).selector)
         return flat.search(queries, k, params=params)
 
     # Keeping the index in step with SQLite.
@@ -369,7 +396,7 @@ class EmbeddedStore:
     def _append(self, rows: np.ndarray, vectors: np.ndarray) -> None:
         with self._lock:
             if self._index is None:
-                self._index = self._new_index("flat")
+                self._index = self._new_index(np.zeros((0, self.dim), np.float32))
             self._index.add(np.ascontiguousarray(vectors, np.float32))
             self._rows = np.concatenate([self._rows, rows])
             self._live = np.concatenate([self._live, np.ones(len(rows), bool)])
@@ -395,31 +422,40 @@ class EmbeddedStore:
         self._changed = True
 
     def _maintain(self) -> None:
-        """Switch to HNSW past the threshold, rebuild when a fifth is dead, write the index file as it grows."""
+        """Switch to an approximate index past the threshold; rebuild it when a fifth is dead or (IVF) when
+        twice as many lists are due as it was trained with; write the index file as it grows."""
         with self._lock:
             n, live = len(self._rows), len(self._rows) - self._dead
             is_flat = isinstance(self._index, faiss.IndexFlat)
-            if (is_flat and live >= self.params.ann_threshold) or (not is_flat and n - live > n / 5):
+            outgrown = isinstance(self._index, faiss.IndexIVF) and self._index.nlist * 2 <= IndexParams.ivf_lists(live)
+            if (is_flat and live >= self.params.ann_threshold) or (not is_flat and n - live > n / 5) or outgrown:
                 self._rebuild()
             elif self._changed and n - self._checkpointed >= max(self.params.ann_threshold, self._checkpointed):
                 self._checkpoint()
 
     def _rebuild(self) -> None:
-        """A fresh index of the live vectors (exact below the threshold, HNSW past it), written out at once."""
-        flat = self._index if isinstance(self._index, faiss.IndexFlat) else faiss.downcast_index(self._index.storage)
-        vectors = _vectors(flat)[self._live]
-        index = self._new_index("hnsw" if len(vectors) >= self.params.ann_threshold else "flat")
-        index.add(np.ascontiguousarray(vectors))  # in one call: faiss builds a better graph from a whole batch
+        """A fresh index of the live vectors (exact below the threshold, approximate past it), written out at once."""
+        vectors = np.ascontiguousarray(_vectors(self._index)[self._live])
+        index = self._new_index(vectors)
+        index.add(vectors)  # in one call: faiss builds a better graph from a whole batch
         self._index, self._rows = index, self._rows[self._live]
         self._live, self._dead = np.ones(len(self._rows), bool), 0
+        self._search_params.clear()
         self._checkpoint()
 
-    def _new_index(self, kind: str) -> faiss.Index:
-        if kind == "flat":
+    def _new_index(self, vectors: np.ndarray) -> faiss.Index:
+        """An empty index of the kind `vectors` call for (IVF's lists trained on them)."""
+        if len(vectors) < self.params.ann_threshold:
             return faiss.IndexFlatIP(self.dim)
-        index = faiss.IndexHNSWFlat(self.dim, self.params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = self.params.ef_construction
-        index.hnsw.efSearch = self.params.ef_search
+        if self.params.ann == "hnsw":
+            index = faiss.IndexHNSWFlat(self.dim, self.params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = self.params.ef_construction
+            return index
+        lists = IndexParams.ivf_lists(len(vectors))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, lists, faiss.METRIC_INNER_PRODUCT)
+        sample = np.random.default_rng(0).choice(len(vectors), min(len(vectors), 64 * lists), replace=False)
+        index.train(vectors[np.sort(sample)])
+        index.make_direct_map()  # positions -> vectors, for rebuilds and exact answers under narrow filters
         return index
 
     def _checkpoint(self) -> None:
@@ -439,7 +475,7 @@ class EmbeddedStore:
 
     def _load(self) -> None:
         """Inside a transaction: read index.faiss (if any and sound) and reconcile it with what SQLite holds."""
-        self._index, self._rows, self._seen_row = self._new_index("flat"), np.zeros(0, np.int64), 0
+        self._index, self._rows, self._seen_row = faiss.IndexFlatIP(self.dim), np.zeros(0, np.int64), 0
         loaded = _read_index_file(self.path / INDEX_FILE, self.dim)
         if loaded is not None:
             self._index, self._rows, self._seen_row = loaded
@@ -488,10 +524,13 @@ class _Bitmap:
         self.selector = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(self.bits))
 
 
-def _vectors(flat: faiss.IndexFlat) -> np.ndarray:
-    """The vectors a flat index holds, as a [N, D] view (no copy)."""
-    if flat.ntotal == 0:
-        return np.zeros((0, flat.d), np.float32)
+def _vectors(index: faiss.Index) -> np.ndarray:
+    """The vectors an index holds, [N, D]: a view of a flat index's (or HNSW's flat storage), IVF's gathered."""
+    if index.ntotal == 0:
+        return np.zeros((0, index.d), np.float32)
+    if isinstance(index, faiss.IndexIVF):
+        return index.reconstruct_n(0, index.ntotal)
+    flat = index if isinstance(index, faiss.IndexFlat) else faiss.downcast_index(index.storage)
     return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
 
 
@@ -512,6 +551,8 @@ def _read_index_file(path: Path, dim: int) -> tuple[faiss.Index, np.ndarray, int
             return None
     if header["dim"] != dim or index.ntotal != len(rows) or index.d != dim:
         return None
+    if isinstance(index, faiss.IndexIVF) and index.direct_map.type == faiss.DirectMap.NoMap:
+        index.make_direct_map()
     return index, rows, int(header["seen_row"])
 
 
