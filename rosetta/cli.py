@@ -33,12 +33,15 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True, purpose: s
 
 
 def model_from_args(args: argparse.Namespace):
+    import torch
+
     from rosetta.models.io import create, load, resolve_device, resolve_dtype
 
     if args.batch_size < 1:
         raise RosettaError("--batch-size must be at least 1")
     if not args.random_init:
         return load(args.model, device=args.device, dtype=args.dtype)
+    torch.manual_seed(0)  # one preset's random weights are the same in every command: index, search, serve
     device = resolve_device(args.device)
     return create(args.model).to(device=device, dtype=resolve_dtype(args.dtype, device)).eval()
 

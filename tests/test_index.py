@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -15,7 +16,7 @@ import rosetta
 from rosetta.cli import main
 from rosetta.errors import RosettaError
 from rosetta.store import open_store
-from rosetta.store.index import IndexReport, index_files, index_source, model_name
+from rosetta.store.index import IndexReport, index_files, index_source, model_name, weights_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_index_files_stores_vectors_metadata_and_hashes(tmp_path, model):
     expected = model.embed_images([paths[2]]).numpy()
     hit = store.search(expected, k=1)[0][0]
     assert hit.id == str(paths[2]) and hit.score == pytest.approx(1.0, abs=1e-4)
-    assert model_name(model) == "tiny"
+    assert model_name(model) == f"tiny@{weights_fingerprint(model)}"
 
 
 @pytest.mark.parametrize("backend", ["embedded", "milvus"])
@@ -129,8 +130,28 @@ def test_manifest_columns_become_metadata(tmp_path, model):
 def test_a_store_refuses_another_model(tmp_path, model):
     paths = write_images(tmp_path / "photos", 1)
     store = open_store(tmp_path / "store", model="vit-b-32", dim=64)
-    with pytest.raises(RosettaError, match="built with model 'vit-b-32', not 'tiny'"):
+    with pytest.raises(RosettaError, match="built with model 'vit-b-32', not 'tiny@"):
         index_files(model, store, paths)
+
+
+def test_the_fingerprint_tells_weights_apart_not_names_or_dtypes(tmp_path, model):
+    torch.manual_seed(1)
+    other = rosetta.create("tiny").eval()  # the same preset, other (random) weights
+    assert weights_fingerprint(other) != weights_fingerprint(model)
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = rosetta.load(tmp_path / "saved")
+    assert weights_fingerprint(reloaded) == weights_fingerprint(model)
+    assert weights_fingerprint(copy.deepcopy(model).to(torch.bfloat16)) == weights_fingerprint(model)
+
+    paths = write_images(tmp_path / "photos", 2)
+    store = open_store(tmp_path / "store", model=model_name(model), dim=64)
+    index_files(model, store, paths)
+    with pytest.raises(RosettaError, match="built with model 'tiny@"):  # same name, other weights
+        index_files(other, store, paths)
+    reloaded.name = str(tmp_path / "saved")  # the same weights under another name: the same model
+    assert len(index_files(reloaded, store, paths).ids) == 2
+    legacy = open_store(tmp_path / "legacy", model="tiny", dim=64)  # a name recorded before fingerprints
+    assert len(index_files(other, legacy, paths).ids) == 2
 
 
 def test_cli_index_then_rerun(tmp_path, capsys):
@@ -145,8 +166,8 @@ def test_cli_index_then_rerun(tmp_path, capsys):
     assert main(args) == 0
     assert "0 new, 0 changed, 4 unchanged" in capsys.readouterr().err
     store = open_store(tmp_path / "store")
-    assert (store.model, store.dim, len(store)) == ("tiny", 64, 4)
+    assert (store.model.partition("@")[0], store.dim, len(store)) == ("tiny", 64, 4)
     other = ["index", str(tmp_path / "photos"), "--store", str(tmp_path / "store"), "--model", "vit-b-32",
              "--random-init", "--device", "cpu"]
     assert main(other) == 2
-    assert "built with model 'tiny', not 'vit-b-32'" in capsys.readouterr().err
+    assert "built with model 'tiny@" in capsys.readouterr().err

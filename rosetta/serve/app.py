@@ -46,7 +46,7 @@ STATIC = Path(__file__).parent / "static"
 
 @dataclass
 class Settings:
-    model_name: str | None = None  # what stores know the model by (default: its preset name, from its config)
+    model_name: str | None = None  # what stores know the model by (default: rosetta.store.index.model_name)
     api_key: str | None = None  # None: no key needed
     max_batch: int = 32  # inputs per model call
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company

@@ -53,18 +53,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_wait_ms < 0 or args.max_body_mb <= 0 or args.graceful_timeout < 0:
         raise RosettaError("--max-wait-ms, --max-body-mb and --graceful-timeout must be positive")
     settings = Settings(
-        model_name=args.model, api_key=args.api_key or os.environ.get("ROSETTA_API_KEY") or None,
+        api_key=args.api_key or os.environ.get("ROSETTA_API_KEY") or None,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, batching=not args.no_batching,
         cors_origins=tuple(args.cors_origin), cache_size=args.cache_size,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_items=args.max_items,
     )
     sock = _listen(args.host, args.port)  # bound before the model loads: a busy port fails fast
     model = model_from_args(args)
+    model.name = args.model  # what stores record, beside the fingerprint of its weights
     store = None
     if args.store:
         from rosetta.store import open_store
+        from rosetta.store.index import model_name
 
-        store = open_store(args.store, model=args.model, dim=model.config.embed_dim)
+        store = open_store(args.store, model=model_name(model), dim=model.config.embed_dim)
     app = create_app(model, store, settings)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host

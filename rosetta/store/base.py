@@ -67,9 +67,17 @@ class VectorStore(Protocol):
     def close(self) -> None: ...
 
 
+def same_model(a: str, b: str) -> bool:
+    """Whether two recorded model names (`NAME@FINGERPRINT`, see `rosetta.store.index.model_name`) are one
+    model: by fingerprint when both have one, else by name (a bare name is what the user typed)."""
+    name_a, _, print_a = a.partition("@")
+    name_b, _, print_b = b.partition("@")
+    return print_a == print_b if print_a and print_b else name_a == name_b
+
+
 def check_model(store: VectorStore, model: str | None, dim: int | None = None) -> None:
     """Refuse a model or dimension other than the ones that built `store`."""
-    if model is not None and store.model != model:
+    if model is not None and not same_model(store.model, model):
         raise RosettaError(
             f"{store.location}: this store was built with model {store.model!r}, not {model!r} "
             "(embeddings of different models are not comparable; use the same model or another store)"

@@ -45,10 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_index(args: argparse.Namespace) -> int:
     from rosetta.store import open_store
-    from rosetta.store.index import index_source
+    from rosetta.store.index import index_source, model_name
 
     model = _model(args)
-    store = open_store(args.store, model=args.model, dim=model.config.embed_dim)
+    store = open_store(args.store, model=model_name(model), dim=model.config.embed_dim)
     try:
         report = index_source(model, store, args.source, batch_size=args.batch_size)
     finally:
@@ -70,7 +70,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         parse_where(args.where)
     store = open_store(args.store, model=args.model)
     try:
-        args.model = args.model or store.model
+        args.model = args.model or store.model.partition("@")[0]
         model = _model(args)
         hits = search(model, store, text=args.text, image=args.image, weights=weights, k=args.k, where=args.where)
     finally:
@@ -82,12 +82,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def _model(args: argparse.Namespace):
-    """The model, named as the user typed it (the name the store records). A --random-init model is seeded,
-    so that the index and search commands of one preset embed alike."""
-    if args.random_init:
-        import torch
-
-        torch.manual_seed(0)
+    """The model, named as the user typed it (the name the store records, with its weights' fingerprint)."""
     model = model_from_args(args)
     model.name = args.model
     return model

@@ -55,18 +55,35 @@ class IndexReport:
 
 
 def model_name(model: Any) -> str:
-    """The name a store records for a model: its `name` attribute (the CLI and server set it to what the
-    user typed), else the preset whose config it has, else a name derived from its config."""
-    name = getattr(model, "name", None)
-    if isinstance(name, str) and name:
-        return name
-    from rosetta.models.config import PRESETS
+    """The name a store records for a model, `NAME@FINGERPRINT`.
 
-    config = model.config
-    for preset, preset_config in PRESETS.items():
-        if preset_config == config:
-            return preset
-    return "custom-" + hashlib.sha256(repr(config).encode()).hexdigest()[:12]
+    NAME is its `name` attribute (the CLI and server set it to what the user typed), else the preset whose
+    config it has, else one derived from its config. FINGERPRINT hashes its projection weights, so two
+    models of one name (a preset's pretrained and random weights) are told apart and one model known by two
+    names (`vit-b-32`, `openai/clip-vit-base-patch32`) is recognised; see `same_model`.
+    """
+    name = getattr(model, "name", None)
+    if not (isinstance(name, str) and name):
+        from rosetta.models.config import PRESETS
+
+        config = model.config
+        name = next((preset for preset, c in PRESETS.items() if c == config), None)
+        name = name or "custom-" + hashlib.sha256(repr(config).encode()).hexdigest()[:12]
+    fingerprint = weights_fingerprint(model)
+    return f"{name}@{fingerprint}" if fingerprint else name
+
+
+def weights_fingerprint(model: Any) -> str | None:
+    """A short hash of the output projections (at bf16 precision, so fp32, bf16 and fp16 copies agree);
+    None for a model without a state dict."""
+    state = model.state_dict() if hasattr(model, "state_dict") else {}
+    digest, found = hashlib.sha256(), False
+    for key in sorted(state):
+        if key.endswith("proj.weight"):
+            digest.update(key.encode())
+            digest.update(state[key].detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+            found = True
+    return digest.hexdigest()[:12] if found else None
 
 
 def file_id(path: str | os.PathLike) -> str:
