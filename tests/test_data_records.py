@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from rosetta.cli import main
-from rosetta.data.records import read_records, write_manifest
+from rosetta.data.records import ShardMember, read_records, write_manifest
 from rosetta.data.shard import write_shards
 from rosetta.errors import InputError, RosettaError
 
@@ -181,6 +181,19 @@ def test_shards_round_trip(tmp_path, folder):
     # Shards re-shard: image bytes keep their format.
     write_shards(back, tmp_path / "again", size=10)
     assert list(read_records(tmp_path / "again")) == back
+    # Listed lazily (as training does): the same records, files left in the tar until read.
+    lazy = list(read_records(tmp_path / "shards", lazy=True))
+    assert all(isinstance(r["image"], ShardMember) for r in lazy)
+    assert [{**r, "image": r["image"].read()} for r in lazy] == back
+
+
+def test_a_truncated_shard_member_is_an_input_error(tmp_path, folder):
+    write_shards(list(read_records(folder)), tmp_path / "shards", size=10)
+    member = next(read_records(tmp_path / "shards", lazy=True))["image"]
+    shard = Path(member.shard)
+    shard.write_bytes(shard.read_bytes()[: member.offset + 10])
+    with pytest.raises(InputError, match="truncated"):
+        member.read()
 
 
 def test_shard_leaves_out_unreadable_files(tmp_path, folder):

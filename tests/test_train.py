@@ -251,3 +251,18 @@ def test_quickstart_runs_the_recipe_end_to_end(tmp_path):
     model = rosetta.load(out / "run" / "model")
     assert model.config.vision.stem == "conv"  # the recipe's model, not a default
     assert list((out / "run" / "plots").glob("*.png"))
+
+
+def test_training_from_shards_reads_them_lazily_and_matches_the_manifest(shapes, tmp_path):
+    from rosetta.data.records import ShardMember, read_records
+    from rosetta.data.shard import write_shards
+    from rosetta.train.trainer import Trainer
+
+    write_shards(list(read_records(shapes / "train.jsonl")), tmp_path / "shards", size=50)
+    from_manifest = train(load_config(recipe(shapes, tmp_path / "manifest")))
+    sharded = load_config(recipe(shapes, tmp_path / "sharded", data={"train": str(tmp_path / "shards"),
+                                                                     "workers": 0}))
+    assert all(isinstance(r["image"], ShardMember) for r in Trainer(sharded).train_records)
+    from_shards = train(sharded)
+    assert losses(tmp_path / "sharded") == pytest.approx(losses(tmp_path / "manifest"), abs=1e-6)
+    assert_same_weights(from_manifest, from_shards)

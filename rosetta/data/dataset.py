@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch.utils.data import Dataset
 
-from rosetta.data.records import Record, read_records
+from rosetta.data.records import Record, ShardMember, read_records
 from rosetta.errors import InputError
 from rosetta.modalities.image import load_image, preprocess
 from rosetta.modalities.text import TextTokenizer
@@ -48,7 +48,8 @@ class PairDataset(Dataset):
         if record.get("text") is None:
             raise InputError(f"sample {key!r}: no text")
         try:
-            image = load_image(record["image"])
+            source = record["image"]
+            image = load_image(source.read() if isinstance(source, ShardMember) else source)
         except InputError as e:
             raise InputError(f"sample {key!r}: {e}") from None
         return preprocess(image, self.image_size, self.image_config), self.tokenizer([record["text"]])[0]

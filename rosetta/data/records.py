@@ -4,7 +4,7 @@ A record is a flat dict:
 
 - ``"key"``: a string, unique within its source;
 - a field per file modality (``"image"``, later ``"audio"``, ``"video"``): an absolute path, or the
-  file's bytes when it was read from a tar shard;
+  file's bytes when it was read from a tar shard (a `ShardMember`, read on demand, with ``lazy=True``);
 - ``"text"``: the caption;
 - any other keys: free metadata (labels, ids, scores...).
 
@@ -19,11 +19,14 @@ import csv
 import io
 import json
 import os
+import re
+import tarfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rosetta.errors import RosettaError
+from rosetta.errors import InputError, RosettaError
 from rosetta.files import atomic_write
 from rosetta.modalities.image import IMAGE_SUFFIXES
 
@@ -45,17 +48,19 @@ SHARD_INDEX = "index.json"  # marks a folder of shards written by `rosetta data 
 Record = dict[str, Any]
 
 
-def read_records(source: str | os.PathLike) -> Iterator[Record]:
+def read_records(source: str | os.PathLike, lazy: bool = False) -> Iterator[Record]:
     """Records from a folder of files, a manifest, or a folder of WebDataset shards (detected from `source`).
 
     The kind of source is checked now; its content as it is read (a RosettaError names the problem).
+    `lazy`: shard members hold a `ShardMember` (where the file lies in its tar) instead of its bytes, so a
+    shard set larger than memory can be listed and read sample by sample (training does this).
     """
     path = Path(source)
     if not path.exists():
         raise RosettaError(f"{source}: no such file or directory")
     if path.is_dir():
         if (path / SHARD_INDEX).is_file():
-            return _read_shards(path)
+            return _list_shards(path) if lazy else _read_shards(path)
         return _read_folder(path)
     suffix = path.suffix.lower()
     if suffix not in MANIFEST_SUFFIXES:
@@ -238,9 +243,27 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 # Shards: WebDataset tars, one sample per record: KEY.<suffix> files, KEY.txt caption, KEY.json metadata.
 
 
-def _read_shards(root: Path) -> Iterator[Record]:
-    import webdataset as wds
+@dataclass(frozen=True)
+class ShardMember:
+    """A file inside a tar shard, read when needed: what lazily listed records hold instead of its bytes."""
 
+    shard: str
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        try:
+            with open(self.shard, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(self.size)
+        except OSError as e:
+            raise InputError(f"{self.shard}: {e.strerror or e}") from None
+        if len(data) != self.size:
+            raise InputError(f"{self.shard}: truncated (a member at byte {self.offset} ends past the file)")
+        return data
+
+
+def _shard_paths(root: Path) -> list[Path]:
     try:
         index = json.loads((root / SHARD_INDEX).read_text(encoding="utf-8"))
         names = [shard["name"] for shard in index["shards"]]
@@ -249,22 +272,59 @@ def _read_shards(root: Path) -> Iterator[Record]:
     missing = [name for name in names if not (root / name).is_file()]
     if missing:
         raise RosettaError(f"{root}: shard {missing[0]} is listed in {SHARD_INDEX} but missing")
-    if not names:
+    return [root / name for name in names]
+
+
+def _read_shards(root: Path) -> Iterator[Record]:
+    import webdataset as wds
+
+    paths = _shard_paths(root)
+    if not paths:
         return
-    dataset = wds.WebDataset([str(root / name) for name in names], shardshuffle=False, nodesplitter=None,
+    dataset = wds.WebDataset([str(p) for p in paths], shardshuffle=False, nodesplitter=None,
                              workersplitter=None, empty_check=False)
     for sample in dataset:
         yield sample_to_record(sample)
 
 
+# WebDataset's grouping: a member's key is its path up to the first dot of its file name, the rest its suffix.
+_KEY_SUFFIX = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+
+def _list_shards(root: Path) -> Iterator[Record]:
+    """The records of the shards as `_read_shards` gives them, with `ShardMember`s for the files: only the tar
+    headers and the small caption and metadata members are read."""
+    for path in _shard_paths(root):
+        sample: dict[str, Any] = {}
+        try:
+            with tarfile.open(path, "r:") as tar:
+                for member in tar:
+                    found = _KEY_SUFFIX.match(member.name) if member.isfile() else None
+                    if found is None:
+                        continue
+                    key, suffix = found.groups()
+                    if sample and sample["__key__"] != key:
+                        yield sample_to_record(sample)
+                        sample = {}
+                    sample["__key__"] = key
+                    if "." + suffix in SUFFIX_MODALITY:
+                        sample[suffix] = ShardMember(str(path), member.offset_data, member.size)
+                    else:
+                        sample[suffix] = tar.extractfile(member).read()
+        except tarfile.TarError as e:
+            raise RosettaError(f"{path}: not a readable tar shard ({e})") from None
+        if sample:
+            yield sample_to_record(sample)
+
+
 def sample_to_record(sample: dict[str, Any]) -> Record:
-    """A WebDataset sample (undecoded: member suffix -> bytes) as a record."""
+    """A WebDataset sample (undecoded: member suffix -> bytes, or a ShardMember) as a record."""
     metadata = json.loads(sample["json"]) if "json" in sample else {}
     record: Record = {"key": str(metadata.pop("key", sample["__key__"]))}
     for suffix, value in sample.items():
         modality = SUFFIX_MODALITY.get("." + suffix)
         if modality is not None:
-            record[modality] = bytes(value)
+            record[modality] = value if isinstance(value, ShardMember) else bytes(value)
     if "txt" in sample:
         record["text"] = bytes(sample["txt"]).decode("utf-8")
     record.update(metadata)

@@ -133,7 +133,9 @@ class Trainer:
 
         if not cfg.data.train:
             raise RosettaError("no training data: set data.train (a manifest, a captioned-image folder or shards)")
-        self.train_records = [r for r in read_records(cfg.data.train) if r.get("text") and r.get("image") is not None]
+        # Shard members are listed, not read: the images are read by the DataLoader workers, sample by sample.
+        self.train_records = [r for r in read_records(cfg.data.train, lazy=True)
+                              if r.get("text") and r.get("image") is not None]
         if len(self.train_records) < cfg.batch_size:
             raise RosettaError(
                 f"{cfg.data.train}: {len(self.train_records)} captioned images, fewer than a batch ({cfg.batch_size})"
