@@ -10,6 +10,7 @@ the cosine similarity between fast-path and fp32 embeddings.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -19,13 +20,21 @@ import rosetta
 from rosetta.models.io import cpu_has_fast_bf16, resolve_dtype
 
 
-def throughput(fn, batch: torch.Tensor, repeats: int) -> float:
+def throughputs(contenders: dict[str, tuple], repeats: int) -> dict[str, float]:
+    """Items/s of each `name: (fn, batch)`, timed in interleaved rounds (one batch of each per round) and
+    taken at the median round, so drift in the machine's speed (turbo, other load) hits all alike."""
+    seconds: dict[str, list[float]] = {name: [] for name in contenders}
     with torch.inference_mode():
-        fn(batch)  # warm-up: kernel selection, allocator
-        start = time.perf_counter()
+        for fn, batch in contenders.values():
+            fn(batch)  # warm-up: kernel selection, allocator
         for _ in range(repeats):
-            fn(batch)
-        return repeats * batch.shape[0] / (time.perf_counter() - start)
+            for name, (fn, batch) in contenders.items():
+                start = time.perf_counter()
+                fn(batch)
+                if batch.is_cuda:
+                    torch.cuda.synchronize()
+                seconds[name].append(time.perf_counter() - start)
+    return {name: contenders[name][1].shape[0] / statistics.median(times) for name, times in seconds.items()}
 
 
 def main() -> None:
@@ -51,24 +60,25 @@ def main() -> None:
 
     print(f"device: {device}, threads: {torch.get_num_threads()}, cpu: {torch.backends.cpu.get_cpu_capability()}, "
           f"native bf16: {cpu_has_fast_bf16()}, fast-path dtype: {fast_dtype}")
-    print(f"batch {args.batch_size}, {args.repeats} timed batches each\n")
-    rows = {
-        "images/s": {
-            "open_clip fp32": throughput(peer.encode_image, images, args.repeats),
-            "rosetta fp32": throughput(ours.encode_image, images, args.repeats),
-            f"rosetta fast ({fast_dtype})": throughput(fast.encode_image, images, args.repeats),
-        },
-        "texts/s": {
-            "open_clip fp32": throughput(peer.encode_text, peer_ids, args.repeats),
-            "rosetta fp32": throughput(ours.encode_text, ids, args.repeats),
-            f"rosetta fast ({fast_dtype})": throughput(fast.encode_text, ids, args.repeats),
-        },
+    print(f"batch {args.batch_size}, {args.repeats} interleaved rounds, median round\n")
+    image_contenders = {
+        "open_clip fp32": (peer.encode_image, images),
+        "rosetta fp32": (ours.encode_image, images),
+        f"rosetta fast ({fast_dtype})": (fast.encode_image, images),
     }
     if fast_dtype != torch.bfloat16:  # show what bf16 costs or gains here, even when auto does not pick it
         slow = rosetta.create("vit-b-32").to(device).eval()
         slow.load_state_dict(ours.state_dict())
         slow.to(torch.bfloat16)
-        rows["images/s"]["rosetta bf16 (forced)"] = throughput(slow.encode_image, images, args.repeats)
+        image_contenders["rosetta bf16 (forced)"] = (slow.encode_image, images)
+    rows = {
+        "images/s": throughputs(image_contenders, args.repeats),
+        "texts/s": throughputs({
+            "open_clip fp32": (peer.encode_text, peer_ids),
+            "rosetta fp32": (ours.encode_text, ids),
+            f"rosetta fast ({fast_dtype})": (fast.encode_text, ids),
+        }, args.repeats),
+    }
     for unit, results in rows.items():
         base = results["open_clip fp32"]
         for name, value in results.items():
