@@ -132,6 +132,18 @@ def test_approximate_with_a_narrow_filter_still_returns_k(tmp_path, data, ann):
             assert sorted(ids_of(hits)) == sorted(ids[:8])
 
 
+def test_a_killed_writers_temporary_index_file_is_removed_by_the_next_writer(tmp_path, data):
+    ids, vectors, metadata = data
+    store = EmbeddedStore(tmp_path / "s", model="m")
+    store.add(ids[:10], vectors[:10], metadata[:10])
+    stale = tmp_path / "s" / f".{INDEX_FILE}.k1ll3d.tmp"  # as atomic_write names it, left by a SIGKILL
+    stale.write_bytes(b"half an index")
+    store.add(ids[10:20], vectors[10:20], metadata[10:20])
+    store.close()  # writes the index file
+    assert not stale.exists() and (tmp_path / "s" / INDEX_FILE).exists()
+    assert len(EmbeddedStore(tmp_path / "s")._rows) == 20
+
+
 def test_a_stale_or_broken_index_file_is_reconciled_with_sqlite(tmp_path, data):
     ids, vectors, metadata = data
     path = tmp_path / "s"

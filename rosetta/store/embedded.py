@@ -4,6 +4,7 @@
                        their own, so that lookups and filters do not wade through them), the store's
                        identity, and a log of removed rows; WAL journal, one transaction per add/remove
     DIR/index.faiss    the vector index as of some committed state, replaced atomically
+    DIR/.index.lock    taken by whoever writes index.faiss
 
 Every `add` commits vectors, metadata and hashes together in one SQLite transaction, so a process
 killed at any moment leaves the store as of its last commit. The index file may lag behind SQLite
@@ -21,6 +22,7 @@ index and it is rebuilt. Other processes' commits are picked up before each sear
 
 from __future__ import annotations
 
+import fcntl
 import json
 import sqlite3
 import threading
@@ -39,6 +41,7 @@ from rosetta.store.base import Hit, as_matrix, check_model, check_rows, metadata
 FORMAT = 1
 DB_FILE = "store.sqlite"
 INDEX_FILE = "index.faiss"
+INDEX_LOCK_FILE = ".index.lock"
 _INDEX_MAGIC = b"RSTAIDX1"
 
 _SCHEMA = """
@@ -469,7 +472,13 @@ class EmbeddedStore:
             f.write(self._rows.astype("<i8").tobytes())
             faiss.write_index(self._index, faiss.PyCallbackIOWriter(f.write))
 
-        atomic_write(self.path / INDEX_FILE, write)
+        # Writers of the index file (threads or processes) take turns; whoever holds the turn knows that any
+        # temporary index file left beside it belongs to a writer that was killed, and removes it.
+        with open(self.path / INDEX_LOCK_FILE, "a+b") as turn:
+            fcntl.flock(turn, fcntl.LOCK_EX)
+            for stale in self.path.glob(f".{INDEX_FILE}.*.tmp"):
+                stale.unlink(missing_ok=True)
+            atomic_write(self.path / INDEX_FILE, write)
         self._checkpointed = len(self._rows)
         self._changed = False
 
