@@ -16,6 +16,7 @@ import rosetta
 from rosetta.cli import main
 from rosetta.errors import RosettaError
 from rosetta.store import open_store
+from rosetta.store.base import same_model, split_model
 from rosetta.store.index import IndexReport, index_files, index_source, model_name, weights_fingerprint
 
 
@@ -135,13 +136,27 @@ def test_a_store_refuses_another_model(tmp_path, model):
 
 
 def test_the_fingerprint_tells_weights_apart_not_names_or_dtypes(tmp_path, model):
+    def same(a, b) -> bool:
+        return same_model(model_name(a), model_name(b))
+
     torch.manual_seed(1)
     other = rosetta.create("tiny").eval()  # the same preset, other (random) weights
-    assert weights_fingerprint(other) != weights_fingerprint(model)
+    assert not same(other, model)
     model.save_pretrained(tmp_path / "saved")
     reloaded = rosetta.load(tmp_path / "saved")
     assert weights_fingerprint(reloaded) == weights_fingerprint(model)
-    assert weights_fingerprint(copy.deepcopy(model).to(torch.bfloat16)) == weights_fingerprint(model)
+    for dtype in (torch.bfloat16, torch.float16):  # a cast is the same model
+        assert same(copy.deepcopy(model).to(dtype), model)
+    trained = copy.deepcopy(model)  # weights moved by 5%, as a fine-tuning run moves them: another model
+    with torch.no_grad():
+        for p in trained.vision.parameters():
+            p.mul_(1 + 0.05 * torch.randn_like(p))
+    assert not same(trained, model)
+    lit = copy.deepcopy(model)  # a new text tower on the locked image tower: the stored vectors still hold
+    with torch.no_grad():
+        for p in lit.text.parameters():
+            p.normal_()
+    assert same(lit, model)
 
     paths = write_images(tmp_path / "photos", 2)
     store = open_store(tmp_path / "store", model=model_name(model), dim=64)
@@ -152,6 +167,22 @@ def test_the_fingerprint_tells_weights_apart_not_names_or_dtypes(tmp_path, model
     assert len(index_files(reloaded, store, paths).ids) == 2
     legacy = open_store(tmp_path / "legacy", model="tiny", dim=64)  # a name recorded before fingerprints
     assert len(index_files(other, legacy, paths).ids) == 2
+    other.name = "/checkpoints/clip@v2"  # an @ in a name is not a fingerprint
+    at_sign = open_store(tmp_path / "at", model="/checkpoints/clip@v2", dim=64)
+    assert len(index_files(other, at_sign, paths).ids) == 2
+    assert split_model(model_name(other))[0] == "/checkpoints/clip@v2"
+
+
+def test_cli_search_knows_a_model_by_its_weights_under_another_name(tmp_path, capsys):
+    photos = write_images(tmp_path / "photos", 3)
+    assert main(["index", str(tmp_path / "photos"), "--store", str(tmp_path / "store"), "--model", "tiny",
+                 "--random-init", "--device", "cpu"]) == 0
+    torch.manual_seed(0)  # what --random-init makes, saved as a checkpoint directory
+    rosetta.create("tiny").save_pretrained(tmp_path / "same")
+    capsys.readouterr()
+    assert main(["search", "--store", str(tmp_path / "store"), "--model", str(tmp_path / "same"),
+                 "--image", str(photos[1]), "--k", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["id"] == str(photos[1])
 
 
 def test_cli_index_then_rerun(tmp_path, capsys):

@@ -302,7 +302,7 @@ def _list_shards(root: Path) -> Iterator[Record]:
                     found = _KEY_SUFFIX.match(member.name) if member.isfile() else None
                     if found is None:
                         continue
-                    key, suffix = found.groups()
+                    key, suffix = found.group(1), found.group(2).lower()  # as WebDataset does
                     if sample and sample["__key__"] != key:
                         yield sample_to_record(sample)
                         sample = {}

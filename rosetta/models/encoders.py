@@ -31,6 +31,8 @@ class ConvStem(nn.Sequential):
     def __init__(self, cfg: VisionConfig):
         if cfg.patch_size < 2 or cfg.patch_size & (cfg.patch_size - 1):
             raise ValueError(f"the conv stem needs a power-of-two patch size, not {cfg.patch_size}")
+        if cfg.image_size % cfg.patch_size:  # its convolutions round up where the patch grid rounds down
+            raise ValueError(f"the conv stem needs an image size divisible by the patch size ({cfg.patch_size})")
         layers: list[nn.Module] = []
         channels = 3
         for out in cfg.stem_channels:

@@ -67,12 +67,26 @@ class VectorStore(Protocol):
     def close(self) -> None: ...
 
 
+_FINGERPRINTED = re.compile(r"^(.*)@([0-9a-f]{32})$")  # 8 big-endian int16s
+
+
+def split_model(recorded: str) -> tuple[str, np.ndarray | None]:
+    """A recorded model name (`NAME@FINGERPRINT`, see `rosetta.store.index.model_name`, or a bare NAME as
+    stores made before fingerprints and users typing names hold) as its name and its unit sketch, or None."""
+    found = _FINGERPRINTED.match(recorded)
+    if found is None:
+        return recorded, None
+    sketch = np.frombuffer(bytes.fromhex(found.group(2)), ">i2").astype(np.float64)
+    return found.group(1), sketch / (np.linalg.norm(sketch) or 1.0)
+
+
 def same_model(a: str, b: str) -> bool:
-    """Whether two recorded model names (`NAME@FINGERPRINT`, see `rosetta.store.index.model_name`) are one
-    model: by fingerprint when both have one, else by name (a bare name is what the user typed)."""
-    name_a, _, print_a = a.partition("@")
-    name_b, _, print_b = b.partition("@")
-    return print_a == print_b if print_a and print_b else name_a == name_b
+    """Whether two recorded model names are one model: by the cosine of their weight sketches when both
+    have one (see `rosetta.store.index.weights_fingerprint`), else by name."""
+    (name_a, sketch_a), (name_b, sketch_b) = split_model(a), split_model(b)
+    if sketch_a is None or sketch_b is None or len(sketch_a) != len(sketch_b):
+        return name_a == name_b
+    return float(sketch_a @ sketch_b) >= 0.9999
 
 
 def check_model(store: VectorStore, model: str | None, dim: int | None = None) -> None:

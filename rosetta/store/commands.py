@@ -62,15 +62,16 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     from rosetta.search import search
     from rosetta.store import open_store, parse_where
+    from rosetta.store.base import split_model
 
     if args.text is None and args.image is None:
         raise RosettaError("search: give a text query, --image, or both")
     weights = _weights(args.weights)
     if args.where:
         parse_where(args.where)
-    store = open_store(args.store, model=args.model)
+    store = open_store(args.store)  # the model is checked once loaded: by its weights, not the name typed
     try:
-        args.model = args.model or store.model.partition("@")[0]
+        args.model = args.model or split_model(store.model)[0]
         model = _model(args)
         hits = search(model, store, text=args.text, image=args.image, weights=weights, k=args.k, where=args.where)
     finally:

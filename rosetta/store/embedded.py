@@ -448,7 +448,7 @@ class EmbeddedStore:
 
     def _new_index(self, vectors: np.ndarray) -> faiss.Index:
         """An empty index of the kind `vectors` call for (IVF's lists trained on them)."""
-        if len(vectors) < self.params.ann_threshold:
+        if len(vectors) < self.params.ann_threshold or not len(vectors):
             return faiss.IndexFlatIP(self.dim)
         if self.params.ann == "hnsw":
             index = faiss.IndexHNSWFlat(self.dim, self.params.hnsw_m, faiss.METRIC_INNER_PRODUCT)

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rosetta.errors import InputError, RosettaError
-from rosetta.store.base import VectorStore, check_model
+from rosetta.store.base import VectorStore, check_model, split_model
 
 # Metadata every indexed image gets; the rest come from the caller (manifest columns, the source).
 FILE_KEYS = ("path", "width", "height", "format", "bytes", "mtime")
@@ -58,11 +58,14 @@ def model_name(model: Any) -> str:
     """The name a store records for a model, `NAME@FINGERPRINT`.
 
     NAME is its `name` attribute (the CLI and server set it to what the user typed), else the preset whose
-    config it has, else one derived from its config. FINGERPRINT hashes its projection weights, so two
-    models of one name (a preset's pretrained and random weights) are told apart and one model known by two
-    names (`vit-b-32`, `openai/clip-vit-base-patch32`) is recognised; see `same_model`.
+    config it has, else one derived from its config. FINGERPRINT sketches the weights the stored vectors
+    depend on (`weights_fingerprint`), so two models of one name (a preset's pretrained and random weights)
+    are told apart and one model known by two names (`vit-b-32`, `openai/clip-vit-base-patch32`) is
+    recognised; see `rosetta.store.base.same_model`.
     """
     name = getattr(model, "name", None)
+    if isinstance(name, str) and split_model(name)[1] is not None:  # named with its fingerprint already
+        return name
     if not (isinstance(name, str) and name):
         from rosetta.models.config import PRESETS
 
@@ -74,16 +77,31 @@ def model_name(model: Any) -> str:
 
 
 def weights_fingerprint(model: Any) -> str | None:
-    """A short hash of the output projections (at bf16 precision, so fp32, bf16 and fp16 copies agree);
-    None for a model without a state dict."""
+    """A sketch of the image tower's weights and projection, as hex; None for a model without them.
+
+    The first `SKETCH_SAMPLE` weights of every matrix are added, with pseudo-random signs, into `SKETCH_SIZE`
+    buckets (a count sketch); the bucket sums, normalised, are written as int16s. Casting the weights to
+    bf16 or fp16 moves the sketch by the rounding error (1 - cosine ~1e-6 for ViT-B/32); other weights, or
+    the same ones moved by a few percent in training, far more (`same_model` draws the line at 1e-4).
+    Only the image side counts: a store holds image embeddings, so a LiT model (image tower locked, text
+    tower retrained) still searches the stores its base model built.
+    """
     state = model.state_dict() if hasattr(model, "state_dict") else {}
-    digest, found = hashlib.sha256(), False
-    for key in sorted(state):
-        if key.endswith("proj.weight"):
-            digest.update(key.encode())
-            digest.update(state[key].detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
-            found = True
-    return digest.hexdigest()[:12] if found else None
+    sketch = torch.zeros(SKETCH_SIZE, dtype=torch.float64)
+    # Matrices only: norms start at exactly 1 in every model, and would outweigh the rest of a fresh one.
+    for key in sorted(k for k, v in state.items() if k.startswith(("vision.", "vision_proj.")) and v.ndim >= 2):
+        weights = state[key].detach().flatten()[:SKETCH_SAMPLE].to("cpu", torch.float64)
+        generator = torch.Generator().manual_seed(int(hashlib.sha256(key.encode()).hexdigest()[:15], 16))
+        signs = torch.randint(0, 2, weights.shape, generator=generator).to(torch.float64) * 2 - 1
+        sketch.index_add_(0, torch.randint(0, SKETCH_SIZE, weights.shape, generator=generator), weights * signs)
+    norm = sketch.norm()
+    if not norm > 0:
+        return None
+    return (sketch / norm * 32767).round().to(torch.int16).numpy().astype(">i2").tobytes().hex()
+
+
+SKETCH_SIZE = 8
+SKETCH_SAMPLE = 4096
 
 
 def file_id(path: str | os.PathLike) -> str:
