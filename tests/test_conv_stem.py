@@ -28,6 +28,8 @@ def test_the_stem_ends_on_the_patch_grid():
     assert model.encode_image(torch.randn(2, 3, 48, 48)).shape == (2, cfg.embed_dim)
     with pytest.raises(ValueError, match="power-of-two"):
         rosetta.create(config("conv", image_size=48, patch_size=12))
+    with pytest.raises(ValueError, match="divisible by the patch size"):
+        rosetta.create(config("conv", image_size=50, patch_size=8))
     with pytest.raises(ValueError, match="unknown vision stem"):
         rosetta.create(config("hybrid"))
 

@@ -187,6 +187,21 @@ def test_shards_round_trip(tmp_path, folder):
     assert [{**r, "image": r["image"].read()} for r in lazy] == back
 
 
+def test_lazy_listing_reads_foreign_shards_as_webdataset_does(tmp_path, folder):
+    """A shard from another tool: upper-case suffixes, nested member paths."""
+    (tmp_path / "shards").mkdir()
+    jpeg = Path(next(read_records(folder))["image"]).read_bytes()
+    with tarfile.open(tmp_path / "shards" / "x.tar", "w") as tar:
+        for name, data in [("dir/a.JPG", jpeg), ("dir/a.txt", b"a caption"), ("dir/b.jpg", jpeg)]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "shards" / "index.json").write_text(json.dumps({"shards": [{"name": "x.tar", "samples": 2}]}))
+    eager = list(read_records(tmp_path / "shards"))
+    lazy = [{**r, "image": r["image"].read()} for r in read_records(tmp_path / "shards", lazy=True)]
+    assert lazy == eager and [r["key"] for r in eager] == ["dir/a", "dir/b"] and eager[0]["text"] == "a caption"
+
+
 def test_a_truncated_shard_member_is_an_input_error(tmp_path, folder):
     write_shards(list(read_records(folder)), tmp_path / "shards", size=10)
     member = next(read_records(tmp_path / "shards", lazy=True))["image"]

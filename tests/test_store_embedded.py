@@ -96,6 +96,16 @@ def test_a_store_made_before_ivf_keeps_hnsw(tmp_path, data):
     assert store.params.ann == "hnsw" and isinstance(store._index, faiss.IndexHNSWFlat)
 
 
+def test_a_zero_threshold_starts_approximate_with_the_first_rows(tmp_path, data):
+    ids, vectors, metadata = data
+    store = EmbeddedStore(tmp_path / "s", model="m", ann_threshold=0)
+    store.add(ids[:2], vectors[:2], metadata[:2])
+    assert isinstance(store._index, faiss.IndexIVFFlat) and store._index.nlist == 1
+    assert ids_of(store.search(vectors[1], k=1)[0]) == [ids[1]]
+    store.remove(ids[:2])  # all gone: rebuilt empty, still searchable
+    assert store.search(vectors[1], k=1) == [[]]
+
+
 def test_an_unknown_index_kind_is_refused(tmp_path):
     with pytest.raises(RosettaError, match="'ivf' or 'hnsw'"):
         EmbeddedStore(tmp_path / "s", model="m", ann="lsh")
