@@ -33,17 +33,22 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True, purpose: s
 
 
 def model_from_args(args: argparse.Namespace):
+    """The model the arguments name, named as the user typed it (what stores record, beside the fingerprint
+    of its weights)."""
     import torch
 
     from rosetta.models.io import create, load, resolve_device, resolve_dtype
 
     if args.batch_size < 1:
         raise RosettaError("--batch-size must be at least 1")
-    if not args.random_init:
-        return load(args.model, device=args.device, dtype=args.dtype)
-    torch.manual_seed(0)  # one preset's random weights are the same in every command: index, search, serve
-    device = resolve_device(args.device)
-    return create(args.model).to(device=device, dtype=resolve_dtype(args.dtype, device)).eval()
+    if args.random_init:
+        torch.manual_seed(0)  # one preset's random weights are the same in every command: index, search, serve
+        device = resolve_device(args.device)
+        model = create(args.model).to(device=device, dtype=resolve_dtype(args.dtype, device)).eval()
+    else:
+        model = load(args.model, device=args.device, dtype=args.dtype)
+    model.name = args.model
+    return model
 
 
 def decoded_images(inputs: Sequence[str], batch_size: int, failures: list[str]) -> Iterator[tuple[list[str], list]]:

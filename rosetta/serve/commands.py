@@ -60,7 +60,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     sock = _listen(args.host, args.port)  # bound before the model loads: a busy port fails fast
     model = model_from_args(args)
-    model.name = args.model  # what stores record, beside the fingerprint of its weights
     store = None
     if args.store:
         from rosetta.store import open_store

@@ -47,7 +47,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     from rosetta.store import open_store
     from rosetta.store.index import index_source, model_name
 
-    model = _model(args)
+    model = model_from_args(args)
     store = open_store(args.store, model=model_name(model), dim=model.config.embed_dim)
     try:
         report = index_source(model, store, args.source, batch_size=args.batch_size)
@@ -72,7 +72,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     store = open_store(args.store)  # the model is checked once loaded: by its weights, not the name typed
     try:
         args.model = args.model or split_model(store.model)[0]
-        model = _model(args)
+        model = model_from_args(args)
         hits = search(model, store, text=args.text, image=args.image, weights=weights, k=args.k, where=args.where)
     finally:
         store.close()
@@ -80,13 +80,6 @@ def cmd_search(args: argparse.Namespace) -> int:
         line = {"id": hit.id, "path": hit.metadata.get("path"), "score": round(hit.score, 6), "metadata": hit.metadata}
         print(json.dumps(line, ensure_ascii=False), flush=True)
     return 0
-
-
-def _model(args: argparse.Namespace):
-    """The model, named as the user typed it (the name the store records, with its weights' fingerprint)."""
-    model = model_from_args(args)
-    model.name = args.model
-    return model
 
 
 def _weights(text: str | None) -> tuple[float, float] | None:
