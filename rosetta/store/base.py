@@ -67,6 +67,27 @@ class VectorStore(Protocol):
     def close(self) -> None: ...
 
 
+class StoreHandle:
+    """What every backend's handle does alike: a repr naming its location, model and dimension, and `with`
+    blocks that close it."""
+
+    location: str
+    model: str
+    dim: int | None
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.location!r}, model={self.model!r}, dim={self.dim})"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 _FINGERPRINTED = re.compile(r"^(.*)@([0-9a-f]{32})$")  # 8 big-endian int16s
 
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from rosetta.errors import RosettaError
 from rosetta.files import atomic_write
-from rosetta.store.base import Hit, as_matrix, check_model, check_rows, metadata_json, parse_where, to_sql
+from rosetta.store.base import Hit, StoreHandle, as_matrix, check_model, check_rows, metadata_json, parse_where, to_sql
 
 FORMAT = 1
 DB_FILE = "store.sqlite"
@@ -75,7 +75,7 @@ class IndexParams:
         return max(1, min(int(4 * n**0.5), n // 39))
 
 
-class EmbeddedStore:
+class EmbeddedStore(StoreHandle):
     """A persistent, crash-safe vector store in one directory (see the module docstring)."""
 
     def __init__(self, path: str | Path, model: str | None = None, dim: int | None = None,
@@ -184,15 +184,6 @@ class EmbeddedStore:
     def __len__(self) -> int:
         with self._lock:
             return self._db.execute("SELECT count(*) FROM rows").fetchone()[0]
-
-    def __repr__(self) -> str:
-        return f"EmbeddedStore({self.location!r}, model={self.model!r}, dim={self.dim})"
-
-    def __enter__(self) -> EmbeddedStore:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def close(self) -> None:
         """Write the index file if it is behind, and let go of the database."""
@@ -399,7 +390,7 @@ class EmbeddedStore:
     def _append(self, rows: np.ndarray, vectors: np.ndarray) -> None:
         with self._lock:
             if self._index is None:
-                self._index = self._new_index(np.zeros((0, self.dim), np.float32))
+                self._index = faiss.IndexFlatIP(self.dim)
             self._index.add(np.ascontiguousarray(vectors, np.float32))
             self._rows = np.concatenate([self._rows, rows])
             self._live = np.concatenate([self._live, np.ones(len(rows), bool)])

@@ -32,7 +32,7 @@ MAX_K = 16_384  # Milvus' limit on results per query
 _UPSERT_ROWS = 1_000
 
 
-class MilvusStore:
+class MilvusStore(base.StoreHandle):
     """A Milvus collection as a Rosetta store (see the module docstring)."""
 
     def __init__(self, location: str, model: str | None = None, dim: int | None = None):
@@ -84,15 +84,6 @@ class MilvusStore:
         result = _call(self.location, "count", lambda: self._client.query(
             self.collection, filter="", output_fields=["count(*)"]))
         return int(result[0]["count(*)"])
-
-    def __repr__(self) -> str:
-        return f"MilvusStore({self.location!r}, model={self.model!r}, dim={self.dim})"
-
-    def __enter__(self) -> MilvusStore:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def close(self) -> None:
         if self._client is not None:
