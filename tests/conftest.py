@@ -12,6 +12,15 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+
+@pytest.fixture(scope="module")
+def model():
+    """The `tiny` preset with seeded random weights, as `--random-init` makes it in every command."""
+    import rosetta
+
+    torch.manual_seed(0)
+    return rosetta.create("tiny").eval()
+
 CONTEXT_LENGTH = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 

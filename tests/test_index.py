@@ -20,12 +20,6 @@ from rosetta.store.base import same_model, split_model
 from rosetta.store.index import IndexReport, index_files, index_source, model_name, weights_fingerprint
 
 
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return rosetta.create("tiny").eval()
-
-
 def write_images(root: Path, n: int, seed: int = 0) -> list[Path]:
     rng = np.random.default_rng(seed)
     paths = []

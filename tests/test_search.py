@@ -6,21 +6,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-import rosetta
 from rosetta.cli import main
 from rosetta.errors import RosettaError
 from rosetta.search import query_vector, search
 from rosetta.store import open_store
 from rosetta.store.index import index_files
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return rosetta.create("tiny").eval()
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-import rosetta
 from rosetta.serve import Settings, create_app
 
 
@@ -21,12 +19,6 @@ def png(seed: int, size: tuple[int, int] = (40, 56)) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(buffer, "PNG")
     return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return rosetta.create("tiny").eval()
 
 
 @pytest.fixture(scope="module")
