@@ -19,17 +19,19 @@ def fail(message: str) -> None:
     print(f"rosetta: {message}", file=sys.stderr)
 
 
-def add_model_args(p: argparse.ArgumentParser, required: bool = True, purpose: str = "") -> None:
+def add_model_args(p: argparse.ArgumentParser, required: bool = True, purpose: str = "",
+                   batch_size: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", "-m", required=required,
-                   help="a preset (vit-b-32, siglip-base-patch16-224, tiny...), a hub repo id, or a model directory"
-                   + (f"; {purpose}" if purpose else ""))
+                   help="a preset (vit-b-32, siglip-base-patch16-224, smollm2-135m, tiny, tiny-lm...), a hub repo id, "
+                        "or a model directory" + (f"; {purpose}" if purpose else ""))
     g.add_argument("--random-init", action="store_true",
                    help="build the preset with random weights instead of loading a checkpoint (no download)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda if available)")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16/fp16 where the hardware is fast at it, else fp32 (default: auto)")
-    g.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass (default: 32)")
+    if batch_size:
+        g.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass (default: 32)")
 
 
 def model_from_args(args: argparse.Namespace):
@@ -37,9 +39,10 @@ def model_from_args(args: argparse.Namespace):
     of its weights)."""
     import torch
 
-    from rosetta.models.io import create, load, resolve_device, resolve_dtype
+    from rosetta.models.io import resolve_device, resolve_dtype
+    from rosetta.models.registry import create, load
 
-    if args.batch_size < 1:
+    if getattr(args, "batch_size", 1) < 1:
         raise RosettaError("--batch-size must be at least 1")
     if args.random_init:
         torch.manual_seed(0)  # one preset's random weights are the same in every command: index, search, serve
@@ -132,8 +135,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 # Modules that add their subcommands with `register(subparsers)`; each imports heavy things lazily.
-COMMAND_MODULES: list[str] = ["rosetta.eval.commands", "rosetta.train.commands", "rosetta.serve.commands",
-                              "rosetta.store.commands", "rosetta.data.commands"]
+COMMAND_MODULES: list[str] = ["rosetta.generation.commands", "rosetta.eval.commands", "rosetta.train.commands",
+                              "rosetta.serve.commands", "rosetta.store.commands", "rosetta.data.commands"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="rosetta",
-        description="Multimodal foundation models: embed, classify and compare images and text in one space.",
+        description="Multimodal foundation models: embed, classify and compare images and text in one space; "
+                    "generate and chat with language models.",
         epilog="Run 'rosetta COMMAND --help' for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"rosetta {__version__}")

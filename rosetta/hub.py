@@ -6,10 +6,9 @@ import re
 from pathlib import Path
 
 from rosetta.errors import ModelNotFoundError
-from rosetta.models.config import PRESETS, PRETRAINED
 
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-_METADATA = ["*.json", "*.txt", "*.model"]  # configs and tokenizer files
+_METADATA = ["*.json", "*.txt", "*.model", "*.jinja"]  # configs, tokenizer files, chat templates
 
 
 def resolve(name_or_path: str | Path) -> Path:
@@ -20,14 +19,16 @@ def resolve(name_or_path: str | Path) -> Path:
         return path
     if path.exists():
         raise ModelNotFoundError(f"{name}: is a file; a model is a directory (config + weights)")
-    repo_id = PRETRAINED.get(name, name)
+    from rosetta.models.registry import presets, pretrained
+
+    repo_id = pretrained().get(name, name)
     if not _REPO_ID.match(repo_id):
-        if name in PRESETS:
+        if name in presets():
             raise ModelNotFoundError(
                 f"{name}: this preset has no pretrained weights; build it untrained (rosetta.create, --random-init)"
             )
         raise ModelNotFoundError(
-            f"unknown model {name!r}: not a preset ({', '.join(PRESETS)}), a local directory, or a hub repo id"
+            f"unknown model {name!r}: not a preset ({', '.join(presets())}), a local directory, or a hub repo id"
         )
     directory = _download(repo_id, [*_METADATA, "*.safetensors"])
     if not any(directory.glob("*.safetensors")):  # older repos ship only pickled weights

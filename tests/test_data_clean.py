@@ -18,7 +18,7 @@ from rosetta.cli import main
 from rosetta.data.clean import REASONS, CleanOptions, NearDuplicateIndex, clean, phash
 from rosetta.data.records import read_records
 from rosetta.errors import RosettaError
-from rosetta.models.io import create
+from rosetta.models.registry import create
 
 
 def smooth_image(seed: int, size: tuple[int, int] = (96, 96)) -> Image.Image:

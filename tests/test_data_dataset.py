@@ -15,7 +15,7 @@ from rosetta.data import PairDataset
 from rosetta.data.shard import write_shards
 from rosetta.errors import InputError
 from rosetta.modalities.image import load_image, preprocess
-from rosetta.models.io import create
+from rosetta.models.registry import create
 
 
 @pytest.fixture(scope="module")

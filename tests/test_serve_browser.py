@@ -5,13 +5,11 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import serving
 from PIL import Image
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -40,8 +38,6 @@ def images(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, images):
     """A real uvicorn server in a thread, over a store holding the four images."""
-    import uvicorn
-
     import rosetta
     from rosetta.serve import Settings, create_app
     from rosetta.store import open_store
@@ -51,19 +47,8 @@ def server(tmp_path_factory, images):
     model.name = "tiny"
     store = open_store(tmp_path_factory.mktemp("page-store") / "store", model="tiny", dim=64)
     index_files(model, store, list(images.values()), progress=False)
-    app = create_app(model, store, Settings(api_key=KEY))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(30)
+    with serving(create_app(model, store, Settings(api_key=KEY))) as url:
+        yield url
     store.close()
 
 

@@ -56,13 +56,18 @@ def to_ours(rules: list[Rule], theirs: dict[str, torch.Tensor], shapes: dict[str
 
 def to_theirs(rules: list[Rule], ours: dict[str, torch.Tensor],
               shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
-    """Convert our state dict to theirs; their tensors in a group are split evenly, unless `shapes` says."""
+    """Convert our state dict to theirs; their tensors in a group are split evenly, or by the sizes of `shapes`
+    where it gives all of them (grouped-query attention's q, k and v differ)."""
     shapes = shapes or {}
     out: dict[str, torch.Tensor] = {}
     for r in rules:
         joined = torch.cat([ours[name].reshape(-1, *ours[name].shape[1:]) if ours[name].ndim else ours[name].reshape(1)
                             for name in r.ours])
-        for name, part in zip(r.theirs, joined.chunk(len(r.theirs))):
+        if len(r.theirs) > 1 and all(name in shapes for name in r.theirs):
+            parts = joined.split([shapes[name][0] for name in r.theirs])
+        else:
+            parts = joined.chunk(len(r.theirs))
+        for name, part in zip(r.theirs, parts):
             part = part.T if r.transpose else part
             if name in shapes:
                 part = part.reshape(shapes[name])

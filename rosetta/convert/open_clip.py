@@ -14,8 +14,21 @@ from rosetta.convert.mapping import Rule, linear, rule
 from rosetta.errors import RosettaError
 from rosetta.models.config import OPENAI_MEAN, OPENAI_STD, ContrastiveConfig, ImageConfig, TextConfig, VisionConfig
 
+NAME = "open_clip"
 CONFIG_FILE = "open_clip_config.json"
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def recognises(directory: Path, config: dict[str, Any]) -> bool:
+    return (directory / CONFIG_FILE).exists()
+
+
+def read(directory: Path) -> tuple[ContrastiveConfig, dict, list[Rule]]:
+    from rosetta.models.io import read_weights
+
+    config = read_config(directory)
+    raw = read_weights(directory, WEIGHT_FILES)
+    return config, raw, rules(config, set(raw))
 
 _UNSUPPORTED = {
     "timm_model_name": "a timm vision tower",

@@ -81,18 +81,25 @@ class TextTokenizer:
         return out
 
     def save(self, directory: Path) -> None:
-        self.backend.save(str(Path(directory) / "tokenizer.json"))
+        from rosetta.files import atomic_write
+
+        atomic_write(Path(directory) / "tokenizer.json", lambda f: f.write(self.backend.to_str().encode()))
+
+
+def _bytes_bpe() -> Tokenizer:
+    """A byte-level tokenizer with one token per byte (ids 0-255) and no merges."""
+    byte_to_char = _bytes_to_unicode()
+    vocab = {byte_to_char[b]: b for b in range(256)}
+    assert set(vocab) == set(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
 
 
 def byte_tokenizer() -> Tokenizer:
     """Bytes 0-255, then start- and end-of-text: a tokenizer for models trained from scratch."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    byte_to_char = _bytes_to_unicode()
-    vocab = {byte_to_char[b]: b for b in range(256)}
-    assert set(vocab) == set(alphabet)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
+    tok = _bytes_bpe()
     tok.add_special_tokens([BOS, EOS])
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}", special_tokens=[(BOS, 256), (EOS, 257)]
@@ -244,3 +251,97 @@ def load_tokenizer_files(directory: Path) -> Tokenizer | None:
     if (directory / "spiece.model").exists():
         return sentencepiece_unigram(directory / "spiece.model")
     return None
+
+
+# Language models: a checkpoint's tokenizer, its special tokens and its chat template.
+
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict with `content`."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class LMTokenizer:
+    """A language model's tokenizer: text to ids and back, its special tokens, and its chat template.
+
+    Encoding follows `tokenizer.json` exactly as transformers' fast tokenizers do (including whether a
+    start-of-text token is added); `chat_template` is the Jinja template from `tokenizer_config.json` or
+    `chat_template.jinja`, rendered by `rosetta.modalities.chat`.
+    """
+
+    def __init__(self, backend: Tokenizer, special_tokens: dict[str, str] | None = None,
+                 chat_template: str | dict[str, str] | None = None):
+        self.backend = backend
+        self.backend.no_padding()
+        self.backend.no_truncation()
+        self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
+        self.chat_template = chat_template
+
+    @classmethod
+    def from_directory(cls, directory: Path) -> LMTokenizer | None:
+        """The tokenizer a checkpoint ships (`tokenizer.json` + `tokenizer_config.json`); None without one."""
+        directory = Path(directory)
+        if not (directory / "tokenizer.json").exists():
+            return None
+        backend = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        config_file = directory / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+        special = {name: _token_text(config.get(name)) for name in SPECIAL_TOKEN_NAMES}
+        template = config.get("chat_template")
+        if isinstance(template, list):  # several named templates: [{"name": ..., "template": ...}]
+            template = {t["name"]: t["template"] for t in template}
+        if (directory / "chat_template.jinja").exists():  # where transformers 4.50+ saves it
+            template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        return cls(backend, special, template)
+
+    def save(self, directory: Path) -> None:
+        from rosetta.files import atomic_write, write_json
+
+        directory = Path(directory)
+        atomic_write(directory / "tokenizer.json", lambda f: f.write(self.backend.to_str().encode()))
+        config: dict = {"tokenizer_class": "PreTrainedTokenizerFast", **self.special_tokens}
+        if isinstance(self.chat_template, dict):
+            config["chat_template"] = [{"name": k, "template": v} for k, v in self.chat_template.items()]
+        elif self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        write_json(directory / "tokenizer_config.json", config)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.token_id(self.special_tokens.get("eos_token"))
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_id(self.special_tokens.get("bos_token"))
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def byte_lm_tokenizer() -> LMTokenizer:
+    """Bytes 0-255 and ChatML's special tokens: the tokenizer of language models built untrained."""
+    tok = _bytes_bpe()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    special = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    return LMTokenizer(tok, special, CHATML)

@@ -14,9 +14,10 @@ from tqdm.auto import tqdm
 
 from rosetta.errors import InputError
 from rosetta.modalities.image import ImageInput, load_image, preprocess
-from rosetta.modalities.text import TextTokenizer, byte_tokenizer
-from rosetta.models.config import ContrastiveConfig
+from rosetta.modalities.text import TextTokenizer, byte_tokenizer, clip_bpe, load_tokenizer_files
+from rosetta.models.config import PRESETS, PRETRAINED, ContrastiveConfig
 from rosetta.models.encoders import ConvStem, TextTransformer, VisionTransformer
+from rosetta.models.registry import Family
 from rosetta.templates import resolve_templates
 
 T = TypeVar("T")
@@ -182,12 +183,29 @@ class ContrastiveModel(nn.Module):
 
     def save_pretrained(self, directory: str | Path, format: str = "rosetta") -> Path:
         """Write a model directory: Rosetta's own format, or `format="transformers"` for transformers' CLIPModel."""
-        from rosetta.models.io import save_model
+        from rosetta.models.registry import save
 
-        return save_model(self, Path(directory), format=format)
+        return save(self, Path(directory), format)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def extra_repr(self) -> str:
         return f"params={self.num_params() / 1e6:.1f}M, temperature={1 / math.exp(self.logit_scale.item()):.4f}"
+
+
+def read_tokenizer(directory: Path, config: ContrastiveConfig) -> TextTokenizer:
+    backend = load_tokenizer_files(directory)
+    if backend is None:
+        # open_clip's default tokenizer is OpenAI CLIP's BPE, which its exports often do not ship.
+        from rosetta.hub import resolve
+
+        clip = resolve("openai/clip-vit-base-patch32")
+        backend = load_tokenizer_files(clip) or clip_bpe(clip / "vocab.json", clip / "merges.txt")
+    return TextTokenizer(backend, config.text.context_length, config.text.pad_token_id, config.text.cleaning)
+
+
+FAMILY = Family(
+    name="contrastive", config_class=ContrastiveConfig, model_class=ContrastiveModel, presets=PRESETS,
+    pretrained=PRETRAINED, converters=("open_clip", "clip"), read_tokenizer=read_tokenizer,
+)

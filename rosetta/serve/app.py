@@ -1,13 +1,10 @@
 """The HTTP API: `create_app(model, store, settings)` builds a FastAPI app around one model.
 
-Routes live in routers (`ROUTERS`) that reach the model, the store and the settings through
-`services(request)`; a new task adds a router and appends it. Every model call goes through the
-`BatchedModel` (embedding cache, then the micro-batcher's single model thread).
-
-Errors are JSON `{"error": {"code", "message"}}` with a 4xx status for anything a client can cause:
-a missing or wrong API key (401), a body over the size limit (413, checked on Content-Length and
-again while the body streams in), too many inputs or pixels (413), an image that does not decode or
-a malformed request (422), an unsupported content type (415), an overloaded model queue (503).
+Routes live in routers (`ROUTERS`), each with what it needs of the model: "embed" (the embedding routes,
+through the `BatchedModel`: embedding cache, then the micro-batcher's single model thread) or "generate"
+(OpenAI's text endpoints, through the `TextGenerator`'s continuous batching). A model gets the routers of
+what it can do; a new task adds a router and appends it. Routes reach the model, the store and the
+settings through `services(request)`; errors are JSON with a 4xx status (see `rosetta.serve.common`).
 """
 
 from __future__ import annotations
@@ -20,15 +17,13 @@ import io
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi import Path as PathParam
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -37,122 +32,23 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rosetta.errors import InputError, RosettaError
 from rosetta.serve.auth import require_api_key
-from rosetta.serve.batching import BatchedModel, MicroBatcher, Overloaded, model_runners
+from rosetta.serve.batching import BatchedModel, MicroBatcher, model_runners
 from rosetta.serve.cache import EmbeddingCache
+from rosetta.serve.common import (
+    ApiError,
+    Services,
+    Settings,
+    error_json,
+    error_responses,
+    input_error,
+    install_error_handlers,
+    services,
+    validation_message,
+)
 from rosetta.serve.metrics import Metrics, MetricsMiddleware
+from rosetta.serve.openai import completions
 
 STATIC = Path(__file__).parent / "static"
-
-
-@dataclass
-class Settings:
-    model_name: str | None = None  # what stores know the model by (default: rosetta.store.index.model_name)
-    api_key: str | None = None  # None: no key needed
-    max_batch: int = 32  # inputs per model call
-    max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
-    batching: bool = True  # False: every request's inputs run alone (the benchmark's baseline)
-    cors_origins: Sequence[str] = ()  # empty: no CORS headers, browsers allow same-origin only
-    cache_size: int = 10_000  # embeddings kept in the LRU cache; 0 turns it off
-    max_body_bytes: int = 32 * 1024 * 1024
-    max_items: int = 64  # texts, images, labels or files in one request
-    max_text_chars: int = 10_000
-    max_pixels: int = 32 * 1024 * 1024  # per image, checked before decoding (decompression bombs)
-    max_k: int = 1000
-    max_queue: int = 4096  # inputs waiting for the model before requests get 503
-    thumbnail_size: int = 256
-
-
-@dataclass
-class Services:
-    """What the routes share: reach it with `services(request)`."""
-
-    settings: Settings
-    model: Any  # the model object itself: read-only use outside the model thread
-    batched: BatchedModel
-    batcher: MicroBatcher
-    cache: EmbeddingCache
-    metrics: Metrics
-    store: Any = None
-    store_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # writes to the store, one at a time
-
-
-def services(request: Request) -> Services:
-    return request.app.state.rosetta
-
-
-# Errors
-
-
-class ErrorDetail(BaseModel):
-    code: str = Field(description="a stable machine-readable name, e.g. invalid_image, too_many_items")
-    message: str = Field(description="what was wrong, naming the input")
-
-
-class ErrorBody(BaseModel):
-    error: ErrorDetail
-
-
-class ApiError(HTTPException):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
-        super().__init__(status, message, headers)
-        self.code = code
-
-
-_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-          413: "too_large", 415: "unsupported_media_type", 422: "invalid_request", 503: "unavailable"}
-_DESCRIPTIONS = {400: "a body the server could not parse", 401: "missing or wrong API key", 404: "no such item",
-                 413: "body, inputs or pixels over the limits",
-                 415: "unsupported content type", 422: "malformed request or undecodable input",
-                 503: "the model queue is full, the server is stopping, or no store is configured"}
-
-
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries for the error statuses a route can answer, all with the same body."""
-    return {s: {"model": ErrorBody, "description": _DESCRIPTIONS.get(s, _CODES.get(s, "error"))} for s in statuses}
-
-
-def error_json(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
-
-
-def input_error(e: InputError) -> ApiError:
-    """A bad input: 413 for an image over the pixel limit, 422 for anything else."""
-    message = str(e)
-    if "decompression bomb" in message or "exceeds the limit" in message:
-        return ApiError(413, "image_too_large", message)
-    return ApiError(422, "invalid_image" if "image" in message else "invalid_input", message)
-
-
-def _validation_message(errors: Sequence[dict[str, Any]]) -> str:
-    parts = []
-    for error in errors[:5]:
-        location = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "body"
-        parts.append(f"{location}: {error.get('msg', 'invalid')}")
-    return "; ".join(parts) + ("; ..." if len(errors) > 5 else "")
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
-        code = getattr(e, "code", None) or _CODES.get(e.status_code, "error")
-        return error_json(e.status_code, code, str(e.detail), getattr(e, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        return error_json(422, "invalid_request", _validation_message(e.errors()))
-
-    @app.exception_handler(Overloaded)
-    async def overloaded(request: Request, e: Overloaded) -> JSONResponse:
-        return error_json(503, "overloaded", str(e), {"Retry-After": "1"})
-
-    @app.exception_handler(InputError)
-    async def bad_input(request: Request, e: InputError) -> JSONResponse:
-        error = input_error(e)
-        return error_json(error.status_code, error.code, str(error.detail))
-
-    @app.exception_handler(Exception)
-    async def internal(request: Request, e: Exception) -> JSONResponse:  # a bug: still JSON, still the same shape
-        return error_json(500, "internal", f"internal error ({type(e).__name__}); see the server log")
 
 
 class BodyLimitMiddleware:
@@ -264,7 +160,9 @@ class Health(BaseModel):
 
 class Info(BaseModel):
     model: str
-    dim: int
+    capabilities: list[str] = Field(description='"embed" (images and texts), "generate" (text)')
+    dim: int | None = Field(description="the embedding dimension, for a model that embeds")
+    context_length: int | None = Field(description="tokens of context, for a model that generates")
     store: dict[str, Any] | None
     batching: dict[str, Any]
     limits: dict[str, int]
@@ -322,7 +220,7 @@ async def _read_body(request: Request, model: type[BaseModel], list_fields: set[
     try:
         return model.model_validate(data), files
     except ValidationError as e:
-        raise ApiError(422, "invalid_request", _validation_message(e.errors())) from None
+        raise ApiError(422, "invalid_request", validation_message(e.errors())) from None
 
 
 async def _read_uploads(uploads: Sequence[UploadFile]) -> tuple[list[bytes], list[str]]:
@@ -355,10 +253,25 @@ system = APIRouter(tags=["system"])
 monitoring = APIRouter(tags=["system"])
 embedding = APIRouter(prefix="/v1", tags=["embeddings"])
 retrieval = APIRouter(prefix="/v1", tags=["search"])
+embedding_page = APIRouter()
+chat_page = APIRouter()
 
-# Routers that need the API key when one is set, and the open ones. A new task appends its router here.
-ROUTERS: list[APIRouter] = [embedding, retrieval, monitoring]
-OPEN_ROUTERS: list[APIRouter] = [system]
+# Routers by what they need of the model (None: nothing), and whether they need the API key when one is set.
+# A new task appends its router here.
+ROUTERS: list[tuple[APIRouter, str | None]] = [
+    (embedding, "embed"), (retrieval, "embed"), (completions, "generate"), (monitoring, None),
+]
+OPEN_ROUTERS: list[tuple[APIRouter, str | None]] = [(system, None), (embedding_page, "embed"), (chat_page, "generate")]
+
+
+def capabilities(model) -> set[str]:
+    """What a model can do, as the routers name it: "embed" (images and texts), "generate" (text)."""
+    can = set()
+    if callable(getattr(model, "embed_images", None)) and callable(getattr(model, "embed_texts", None)):
+        can.add("embed")
+    if callable(getattr(model, "chat_prompt", None)) and callable(getattr(model, "new_cache", None)):
+        can.add("generate")
+    return can
 
 
 @system.get("/healthz", response_model=Health, summary="liveness (never needs the API key)")
@@ -366,23 +279,33 @@ async def healthz() -> Health:
     return Health(status="ok")
 
 
-@system.get("/", include_in_schema=False)
+@embedding_page.get("/", include_in_schema=False)
 async def page() -> FileResponse:
     return FileResponse(STATIC / "index.html", media_type="text/html")
 
 
-@embedding.get("/info", response_model=Info, summary="the model, the store and the server's limits")
+@chat_page.get("/", include_in_schema=False)
+async def chat() -> FileResponse:
+    return FileResponse(STATIC / "chat.html", media_type="text/html")
+
+
+@monitoring.get("/v1/info", response_model=Info, summary="the model, the store and the server's limits")
 async def info(request: Request) -> Info:
     svc = services(request)
     s = svc.settings
     store = None
     if svc.store is not None:
         store = {"items": await run_in_threadpool(len, svc.store)}
+    limits = {"max_body_bytes": s.max_body_bytes, "max_items": s.max_items, "max_text_chars": s.max_text_chars,
+              "max_pixels": s.max_pixels, "max_k": s.max_k}
+    if svc.generator is not None:
+        limits |= {"max_new_tokens": s.max_new_tokens, "max_sequences": s.max_sequences}
     return Info(
-        model=s.model_name, dim=svc.batched.dim, store=store,
+        model=s.model_name, capabilities=sorted(capabilities(svc.model)),
+        dim=svc.batched.dim if svc.batched is not None else None,
+        context_length=getattr(svc.model, "context_length", None), store=store,
         batching={"enabled": s.batching, "max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms},
-        limits={"max_body_bytes": s.max_body_bytes, "max_items": s.max_items, "max_text_chars": s.max_text_chars,
-                "max_pixels": s.max_pixels, "max_k": s.max_k},
+        limits=limits,
     )
 
 
@@ -671,38 +594,54 @@ async def metrics(request: Request) -> Response:
 
 
 def create_app(model, store=None, settings: Settings | None = None) -> FastAPI:
-    """The API around `model` (and `store`, for search and indexing); the model thread runs while the app does."""
+    """The API around `model` (and `store`, for search and indexing); the model threads run while the app does."""
     from rosetta import __version__
     from rosetta.store.index import model_name
 
     settings = settings or Settings()
+    can = capabilities(model)
+    if not can:
+        raise RosettaError(f"a {type(model).__name__} neither embeds nor generates: nothing to serve")
     if not settings.model_name:
-        settings = dataclasses.replace(settings, model_name=model_name(model))
+        settings = dataclasses.replace(settings, model_name=model_name(model) if "embed" in can else _lm_name(model))
     metrics_ = Metrics()
-    cache = EmbeddingCache(settings.cache_size)
-    batcher = MicroBatcher(model_runners(model), max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
-                           enabled=settings.batching, max_queue=settings.max_queue, metrics=metrics_)
-    batched = BatchedModel(model, batcher, cache, settings.model_name, settings.max_pixels, metrics_)
+    svc = Services(settings, model, metrics_, store=store)
+    if "embed" in can:
+        svc.cache = EmbeddingCache(settings.cache_size)
+        svc.batcher = MicroBatcher(model_runners(model), max_batch=settings.max_batch,
+                                   max_wait_ms=settings.max_wait_ms, enabled=settings.batching,
+                                   max_queue=settings.max_queue, metrics=metrics_)
+        svc.batched = BatchedModel(model, svc.batcher, svc.cache, settings.model_name, settings.max_pixels, metrics_)
+    if "generate" in can:
+        from rosetta.serve.generation import TextGenerator
+
+        svc.generator = TextGenerator(model, max_batch=settings.max_sequences, max_queue=settings.max_queue,
+                                      metrics=metrics_)
+    workers = [w for w in (svc.batcher, svc.generator) if w is not None]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher.start()
+        for worker in workers:
+            worker.start()
         try:
             yield
         finally:
-            await run_in_threadpool(batcher.stop)  # finishes queued work: in-flight requests get answers
+            for worker in workers:  # the batcher finishes queued work: in-flight requests get answers
+                await run_in_threadpool(worker.stop)
 
     # No /docs or /redoc: they load Swagger UI and ReDoc from a CDN, and the server may have no internet.
     app = FastAPI(title="Rosetta", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Embeddings, zero-shot classification and search with one multimodal model.")
-    app.state.rosetta = Services(settings, model, batched, batcher, cache, metrics_, store)
-    _install_error_handlers(app)
+                  description="Embeddings, zero-shot classification, search and text generation with one model.")
+    app.state.rosetta = svc
+    install_error_handlers(app)
     protected = [Depends(require_api_key)] if settings.api_key else []
     auth_errors = error_responses(401) if settings.api_key else {}
-    for router in OPEN_ROUTERS:
-        app.include_router(router)
-    for router in ROUTERS:
-        app.include_router(router, dependencies=protected, responses=auth_errors)
+    for router, needs in OPEN_ROUTERS:
+        if needs is None or needs in can:
+            app.include_router(router)
+    for router, needs in ROUTERS:
+        if needs is None or needs in can:
+            app.include_router(router, dependencies=protected, responses=auth_errors)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -713,3 +652,13 @@ def create_app(model, store=None, settings: Settings | None = None) -> FastAPI:
                            allow_headers=["Authorization", "X-API-Key", "Content-Type"])
     app.add_middleware(MetricsMiddleware, metrics=metrics_, router=app.router)
     return app
+
+
+def _lm_name(model) -> str:
+    """A language model's name when the server was not given one: what it was loaded as, else its preset."""
+    from rosetta.models.registry import presets
+
+    name = getattr(model, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    return next((preset for preset, config in presets().items() if config == model.config), "rosetta-lm")

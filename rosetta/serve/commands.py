@@ -15,8 +15,10 @@ from rosetta.errors import RosettaError
 def register(sub) -> None:
     p = sub.add_parser(
         "serve", help="serve embeddings, classification and search over HTTP, with a web page",
-        description="An HTTP API (its OpenAPI spec at /openapi.json) and a web page at / for one model: "
-                    "POST /v1/embed, /v1/classify, /v1/search, /v1/index; GET /healthz, /metrics. "
+        description="An HTTP API (its OpenAPI spec at /openapi.json) and a web page at / for one model. "
+                    "An embedding model: POST /v1/embed, /v1/classify, /v1/search, /v1/index. A language model: "
+                    "OpenAI's POST /v1/chat/completions and /v1/completions (continuous batching; stream: true "
+                    "for server-sent events). Both: GET /healthz, /metrics, /v1/info. "
                     "Listens on 127.0.0.1 unless --host says otherwise.")
     add_model_args(p)
     p.add_argument("--store", metavar="DIR", help="a store directory to search and to index uploads into")
@@ -36,6 +38,10 @@ def register(sub) -> None:
     p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in MiB (default: 32)")
     p.add_argument("--max-items", type=int, default=64,
                    help="most texts, images, labels or files in one request (default: 64)")
+    p.add_argument("--max-new-tokens", type=int, default=4096,
+                   help="the most tokens one completion may ask for (language models; default: 4096)")
+    p.add_argument("--max-sequences", type=int, default=8,
+                   help="sequences a language model decodes together (default: 8)")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds to let in-flight requests finish after SIGTERM/Ctrl-C (default: 30)")
     p.set_defaults(run=cmd_serve)
@@ -46,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from rosetta.serve.app import Settings, create_app
 
-    for name in ("max_batch", "max_items", "port", "cache_size"):
+    for name in ("max_batch", "max_items", "port", "cache_size", "max_new_tokens", "max_sequences"):
         value = getattr(args, name)
         if value < (0 if name in ("port", "cache_size") else 1):
             raise RosettaError(f"--{name.replace('_', '-')} {value}: out of range")
@@ -57,10 +63,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, batching=not args.no_batching,
         cors_origins=tuple(args.cors_origin), cache_size=args.cache_size,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_items=args.max_items,
+        max_new_tokens=args.max_new_tokens, max_sequences=args.max_sequences,
     )
     sock = _listen(args.host, args.port)  # bound before the model loads: a busy port fails fast
     model = model_from_args(args)
     store = None
+    if args.store and not callable(getattr(model, "embed_images", None)):
+        raise RosettaError(f"--store: {args.model} does not embed images, so it cannot search a store")
     if args.store:
         from rosetta.store import open_store
         from rosetta.store.index import model_name

@@ -10,6 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 
 class Metrics:
@@ -32,6 +33,19 @@ class Metrics:
         self.cache_hits = Counter("rosetta_cache_hits", "embedding cache hits by modality", ["modality"], registry=r)
         self.cache_misses = Counter("rosetta_cache_misses", "embedding cache misses by modality",
                                     ["modality"], registry=r)
+
+        # Text generation
+        self.tokens_generated = Counter("rosetta_generated_tokens", "tokens generated", registry=r)
+        self.prompt_tokens = Counter("rosetta_prompt_tokens", "prompt tokens read", registry=r)
+        self.sequences_finished = Counter("rosetta_sequences_finished", "completions by finish reason",
+                                          ["reason"], registry=r)
+        self.sequences_running = Gauge("rosetta_sequences_running", "sequences being decoded together",
+                                       registry=r)
+        self.time_to_first_token = Histogram("rosetta_time_to_first_token_seconds",
+                                             "from a request's arrival to its first token", buckets=LATENCY_BUCKETS,
+                                             registry=r)
+        self.tokens_per_second = Histogram("rosetta_decode_tokens_per_second", "each completion's decoding speed",
+                                           buckets=RATE_BUCKETS, registry=r)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -19,7 +19,7 @@ def quickstart(out: str | Path = "runs/quickstart", n: int | None = None, epochs
     from rosetta.eval import evaluate
     from rosetta.eval.plot import plot_run
     from rosetta.eval.report import format_table, write_results
-    from rosetta.models.io import load
+    from rosetta.models.registry import load
     from rosetta.train.trainer import train
 
     out = Path(out)

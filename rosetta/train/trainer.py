@@ -67,7 +67,7 @@ def _apply_overrides(config: ContrastiveConfig, overrides: dict[str, Any]) -> Co
 def build_model(cfg: TrainConfig, texts: list[str]) -> ContrastiveModel:
     """A preset trained from scratch, or any checkpoint rosetta.load opens, to fine-tune."""
     from rosetta.modalities.text import EOS, TextTokenizer, train_bpe
-    from rosetta.models.io import load
+    from rosetta.models.registry import load
 
     if cfg.model not in PRESETS:
         if cfg.model_overrides or cfg.tokenizer_vocab:

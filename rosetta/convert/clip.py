@@ -7,8 +7,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from rosetta.convert.mapping import Rule, linear, rule
+from rosetta.convert.mapping import Rule, linear, rule, to_theirs
 from rosetta.errors import RosettaError
+from rosetta.files import write_json, write_safetensors
 from rosetta.models.config import (
     HALF,
     OPENAI_MEAN,
@@ -23,11 +24,44 @@ ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": 
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
 
 
-def model_type(directory: Path) -> str | None:
-    config = directory / "config.json"
-    if not config.exists():
-        return None
-    return json.loads(config.read_text()).get("model_type")
+NAME = "transformers"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def recognises(directory: Path, config: dict[str, Any]) -> bool:
+    return config.get("model_type") in ("clip", "siglip")
+
+
+def read(directory: Path) -> tuple[ContrastiveConfig, dict, list[Rule]]:
+    from rosetta.models.io import read_weights
+
+    config = read_config(directory)
+    return config, read_weights(directory, WEIGHT_FILES), rules(config)
+
+
+def export(model, directory: Path) -> None:
+    """Write `model` as a transformers CLIPModel directory (weights, config, preprocessor, tokenizer)."""
+    from rosetta.modalities.text import BOS, EOS
+
+    backend = model.tokenizer.backend
+    bos, eos = backend.token_to_id(BOS), backend.token_to_id(EOS)
+    if bos is None or eos is None:
+        raise RosettaError("exporting to transformers needs a tokenizer with start- and end-of-text tokens")
+    config = export_config(model.config, eos_token_id=eos, bos_token_id=bos)
+    state = {name: t.detach().cpu() for name, t in model.state_dict().items()}
+    theirs = to_theirs(rules(model.config), state, shapes={"logit_scale": ()})  # a scalar in CLIPModel
+    write_safetensors(theirs, directory / "model.safetensors")
+    write_json(directory / "config.json", config)
+    write_json(directory / "preprocessor_config.json", export_preprocessor(model.config))
+    # transformers' CLIPTokenizer rebuilds CLIP's BPE from tokenizer.json; any other tokenizer (the byte-level
+    # one of models trained from scratch) loads as it is written.
+    clip = getattr(backend.model, "end_of_word_suffix", None) == "</w>"
+    write_json(directory / "tokenizer_config.json", {
+        "tokenizer_class": "CLIPTokenizer" if clip else "PreTrainedTokenizerFast",
+        "model_max_length": model.config.text.context_length,
+        "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS,
+    })
+    model.tokenizer.save(directory)
 
 
 def _activation(name: str) -> str:

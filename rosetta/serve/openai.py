@@ -1,0 +1,413 @@
+"""OpenAI's text endpoints for a language model: `POST /v1/chat/completions`, `POST /v1/completions` and
+`GET /v1/models`, in OpenAI's wire format, so that the `openai` SDK (and anything built on it) works against
+`rosetta serve` unchanged.
+
+Every request becomes engine requests for the server's `TextGenerator` (continuous batching); `stream: true`
+answers with server-sent events ending in `data: [DONE]`. A client that goes away stops its sequences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from rosetta.errors import InputError
+from rosetta.generation.constraints import SchemaError
+from rosetta.generation.engine import Completion
+from rosetta.serve.common import ApiError, error_responses, services
+from rosetta.serve.generation import Stream
+
+completions = APIRouter(prefix="/v1", tags=["text generation"])
+
+
+# Requests
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")  # tool_call_id, name, reasoning...: the chat template may read them
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool = Field(True, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """What both endpoints take. Unset fields fall back to the checkpoint's generation defaults."""
+
+    model: str | None = Field(None, description="accepted and echoed; the server runs one model")
+    max_tokens: int | None = Field(None, ge=1, description="most tokens to generate")
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, description="an extension: sample among the k most likely tokens")
+    min_p: float | None = Field(None, ge=0, le=1, description="an extension")
+    repetition_penalty: float | None = Field(None, gt=0, description="an extension")
+    n: int = Field(1, ge=1, le=16, description="how many completions of the prompt")
+    stop: str | list[str] | None = Field(None, description="up to 4 stop strings")
+    seed: int | None = None
+    ignore_eos: bool = Field(False, description="an extension: generate max_tokens whatever the model says")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(0.0, description="only 0 is supported")
+    frequency_penalty: float = Field(0.0, description="only 0 is supported")
+    logprobs: bool | int | None = Field(None, description="not supported")
+    user: str | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = Field(None, description="passed to the chat template")
+    tool_choice: Any = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] = Field(description="a text, several texts, or token ids")
+    max_tokens: int | None = Field(16, ge=1, description="most tokens to generate (OpenAI's default: 16)")
+    echo: bool = False
+    suffix: str | None = Field(None, description="not supported")
+
+
+# Responses
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: None = None
+
+
+class TextCompletion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "rosetta"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+_ERRORS = error_responses(400, 413, 415, 422, 503)
+
+
+@completions.get("/models", response_model=ModelList, summary="the model this server runs")
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[ModelCard(id=_model_name(request), created=int(time.time()))])
+
+
+@completions.post("/chat/completions", response_model=ChatCompletion, responses=_ERRORS,
+                  summary="the assistant's reply to a conversation (OpenAI's chat completions)")
+async def chat_completions(request: Request, body: ChatCompletionRequest):
+    svc = services(request)
+    messages = [_plain(m) for m in body.messages]
+    schema = _schema(body.response_format)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+
+    def prepare() -> list:
+        model = svc.model
+        prompt = model.chat_prompt(messages, tools=body.tools)
+        return _requests(svc, prompt, body, max_tokens, schema)
+
+    requests = await _prepared(prepare)
+    streams = [svc.generator.submit(r) for r in requests]
+    prompt_tokens = len(requests[0].prompt)
+    reply_id, created, name = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), _model_name(request)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _sse(_chat_chunks(streams, reply_id, created, name, prompt_tokens, include_usage), streams)
+    done = await _finish(request, streams)
+    return ChatCompletion(
+        id=reply_id, created=created, model=name,
+        choices=[ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
+                 for i, c in enumerate(done)],
+        usage=_usage(prompt_tokens, done),
+    )
+
+
+@completions.post("/completions", response_model=TextCompletion, responses=_ERRORS,
+                  summary="the continuation of a prompt (OpenAI's legacy completions)")
+async def text_completions(request: Request, body: CompletionRequest):
+    svc = services(request)
+    if body.suffix:
+        raise ApiError(422, "unsupported", "suffix: not supported (this endpoint continues a prompt)")
+    prompts: Sequence[str | list[int]]
+    if isinstance(body.prompt, str):
+        prompts = [body.prompt]
+    elif body.prompt and all(isinstance(p, int) for p in body.prompt):
+        prompts = [body.prompt]  # token ids
+    else:
+        prompts = list(body.prompt)
+    if not prompts:
+        raise ApiError(422, "invalid_request", "prompt: give at least one prompt")
+    if len(prompts) * body.n > svc.settings.max_items:
+        raise ApiError(413, "too_many_items", f"{len(prompts) * body.n} completions in one request; the limit is "
+                                              f"{svc.settings.max_items}")
+
+    def prepare() -> list:
+        tokenizer = svc.model.tokenizer
+        out = []
+        for p in prompts:
+            ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
+            if any(not 0 <= i < svc.model.config.vocab_size for i in ids):
+                raise InputError(f"prompt: token ids must be in [0, {svc.model.config.vocab_size})")
+            out += _requests(svc, ids, body, body.max_tokens, None)
+        return out
+
+    requests = await _prepared(prepare)
+    streams = [svc.generator.submit(r) for r in requests]
+    echoes = [p if isinstance(p, str) else svc.model.tokenizer.decode(p) for p in prompts for _ in range(body.n)]
+    echoes = echoes if body.echo else [""] * len(echoes)
+    reply_id, created, name = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), _model_name(request)
+    prompt_tokens = sum(len(r.prompt) for r in requests[:: body.n])
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _sse(_text_chunks(streams, echoes, reply_id, created, name, prompt_tokens, include_usage), streams)
+    done = await _finish(request, streams)
+    return TextCompletion(
+        id=reply_id, created=created, model=name,
+        choices=[CompletionChoice(index=i, text=echoes[i] + c.text, finish_reason=c.finish_reason)
+                 for i, c in enumerate(done)],
+        usage=_usage(prompt_tokens, done),
+    )
+
+
+# Requests to engine requests
+
+
+def _model_name(request: Request) -> str:
+    return services(request).settings.model_name or "rosetta"
+
+
+def _plain(message: Message) -> dict[str, Any]:
+    """A message as chat templates read it: text parts joined into one string."""
+    data = message.model_dump(exclude_none=True)
+    if isinstance(message.content, list):
+        data["content"] = "\n".join(part.text for part in message.content)
+    return data
+
+
+def _schema(response_format: ResponseFormat | None) -> dict[str, Any] | bool | None:
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return {"type": "object"}
+    if response_format.json_schema is None:
+        raise ApiError(422, "invalid_request", "response_format.json_schema: required with type json_schema")
+    return response_format.json_schema.schema_
+
+
+def _requests(svc, prompt: list[int], body: _Sampling, max_tokens: int | None, schema) -> list:
+    """The engine requests of one prompt (n of them), with the server's limits applied."""
+    from rosetta.generation.tasks import request
+
+    if body.presence_penalty or body.frequency_penalty:
+        raise InputError("presence_penalty and frequency_penalty: not supported (use repetition_penalty)")
+    if body.logprobs:
+        raise InputError("logprobs: not supported")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 4:
+        raise InputError("stop: at most 4 stop strings")
+    limit = svc.settings.max_new_tokens
+    context = svc.model.context_length
+    if len(prompt) >= context:
+        raise ApiError(400, "context_length_exceeded",
+                       f"the prompt has {len(prompt)} tokens; this model's context window is {context}")
+    if max_tokens is not None and max_tokens > limit:
+        raise ApiError(422, "max_tokens_too_large", f"max_tokens={max_tokens}; this server's limit is {limit}")
+    max_tokens = max_tokens or min(limit, context - len(prompt))
+    options = dict(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
+                   repetition_penalty=body.repetition_penalty, stop=stop, json_schema=schema)
+    return [request(svc.model, prompt, max_tokens, seed=None if body.seed is None else body.seed + i,
+                    ignore_eos=body.ignore_eos, **options)
+            for i in range(body.n)]
+
+
+async def _prepared(prepare):
+    """Tokenise, render the template and compile the schema off the event loop; bad input is a 4xx."""
+    try:
+        return await run_in_threadpool(prepare)
+    except SchemaError as e:
+        raise ApiError(422, "invalid_schema", str(e)) from None
+    except InputError as e:
+        raise ApiError(422, "invalid_request", str(e)) from None
+
+
+def _usage(prompt_tokens: int, done: Sequence[Completion]) -> Usage:
+    completion_tokens = sum(len(c.tokens) for c in done)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
+
+
+# Running them
+
+
+async def _finish(request: Request, streams: list[Stream]) -> list[Completion]:
+    """Every stream's completion; if the client disconnects first, its sequences are stopped."""
+    work = asyncio.ensure_future(asyncio.gather(*(s.completion() for s in streams)))
+    try:
+        while True:
+            done, _ = await asyncio.wait({work}, timeout=0.25)
+            if done:
+                return work.result()
+            if await request.is_disconnected():
+                raise asyncio.CancelledError
+    except BaseException:
+        work.cancel()
+        for s in streams:
+            s.cancel()
+        raise
+
+
+async def _merged(streams: list[Stream]) -> AsyncIterator[tuple[int, Any]]:
+    """(choice index, event) from several streams as they come."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def forward(i: int, stream: Stream) -> None:
+        try:
+            async for event in stream.events():
+                await queue.put((i, event))
+        except BaseException as e:
+            await queue.put((i, e))
+
+    tasks = [asyncio.ensure_future(forward(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield i, item
+            remaining -= item.finished
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _sse(chunks: AsyncIterator[dict[str, Any]], streams: list[Stream]) -> StreamingResponse:
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+        except Exception as e:  # after the headers went out, an error can only be told in the stream
+            yield f"data: {json.dumps({'error': {'code': 'internal', 'message': str(e)}})}\n\n".encode()
+        finally:  # the client went away, or it is over: either way nothing more is decoded for it
+            for s in streams:
+                s.cancel()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _chat_chunks(streams, reply_id, created, name, prompt_tokens, include_usage):
+    def chunk(choices, usage=None):
+        out = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": name,
+               "choices": choices}
+        if include_usage:
+            out["usage"] = usage
+        return out
+
+    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
+                 for i in range(len(streams))])
+    done = {}
+    async for i, event in _merged(streams):
+        if event.text:
+            yield chunk([{"index": i, "delta": {"content": event.text}, "finish_reason": None, "logprobs": None}])
+        if event.finished:
+            done[i] = event.sequence.completion()
+            yield chunk([{"index": i, "delta": {}, "finish_reason": done[i].finish_reason, "logprobs": None}])
+    if include_usage:
+        yield chunk([], _usage(prompt_tokens, list(done.values())).model_dump())
+
+
+async def _text_chunks(streams, echoes, reply_id, created, name, prompt_tokens, include_usage):
+    def chunk(choices, usage=None):
+        out = {"id": reply_id, "object": "text_completion", "created": created, "model": name, "choices": choices}
+        if include_usage:
+            out["usage"] = usage
+        return out
+
+    for i, echo in enumerate(echoes):
+        if echo:
+            yield chunk([{"index": i, "text": echo, "finish_reason": None, "logprobs": None}])
+    done = {}
+    async for i, event in _merged(streams):
+        if event.text or event.finished:
+            reason = None
+            if event.finished:
+                done[i] = event.sequence.completion()
+                reason = done[i].finish_reason
+            yield chunk([{"index": i, "text": event.text, "finish_reason": reason, "logprobs": None}])
+    if include_usage:
+        yield chunk([], _usage(prompt_tokens, list(done.values())).model_dump())
+
+

@@ -1,0 +1,272 @@
+"""The generation engine on the `tiny-lm` preset (random weights, byte-level tokenizer): stopping, streaming,
+sampling, seeds, batching, continuous batching, cancellation, logits processors and JSON-schema constraints.
+
+A logits processor that forces chosen tokens makes the model write a known text, so that streaming and
+stop strings are checked on text that splits characters and stop strings across tokens.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import rosetta
+from rosetta.generation.engine import Engine
+from rosetta.generation.sampling import SamplingParams, warp
+from rosetta.generation.streaming import TextStream
+from rosetta.generation.tasks import complete, request
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def lm():
+    torch.manual_seed(0)
+    return rosetta.create("tiny-lm").eval()
+
+
+def forcing(lm, text: str, then_eos: bool = True):
+    """A logits processor that makes the model write `text` (byte tokens), then end-of-sequence."""
+    target = lm.tokenizer.encode(text, add_special_tokens=False) + ([lm.stop_ids()[0]] if then_eos else [])
+    prompt_length = {}
+
+    def force(ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        start = prompt_length.setdefault("n", len(ids))
+        step = len(ids) - start
+        forced = torch.full_like(logits, -torch.inf)
+        forced[target[min(step, len(target) - 1)]] = 0
+        return forced
+
+    return force
+
+
+MULTIBYTE = "héllo 東京 🎉 naïve"
+
+
+def test_streaming_never_splits_a_character(lm):
+    deltas = list(lm.stream("x", max_new_tokens=64, logits_processors=[forcing(lm, MULTIBYTE)]))
+    assert "".join(deltas) == MULTIBYTE
+    assert all("\ufffd" not in d for d in deltas)
+    assert len(deltas) > 5  # text came out as it was made, not at the end
+
+
+def test_stop_string_spanning_tokens_stops_and_is_not_returned(lm):
+    force = forcing(lm, "abc STOP def")
+    completion = complete(lm, [lm.tokenizer.encode("x")], 64, stop=["STOP"], logits_processors=[force])[0]
+    assert completion.text == "abc "
+    assert completion.finish_reason == "stop"
+    deltas = list(lm.stream("x", 64, stop=["STOP"], logits_processors=[forcing(lm, "abc STOP def")]))
+    assert "".join(deltas) == "abc "
+
+
+def test_a_partial_stop_string_is_released_when_it_does_not_complete(lm):
+    text = "a STO b ST"
+    force = forcing(lm, text)
+    assert lm.generate("x", 64, stop=["STOP"], logits_processors=[force]) == text
+
+
+@given(st.text(alphabet="ab\u00e9\u6771 ", max_size=12), st.lists(st.text(alphabet="ab\u00e9 ", min_size=1, max_size=3),
+                                                              max_size=3))
+@settings(max_examples=150, deadline=None)
+def test_text_stream_equals_the_whole_text_cut_at_the_first_stop(text, stops):
+    from rosetta.modalities.text import byte_lm_tokenizer
+
+    tokenizer = byte_lm_tokenizer()
+    stream = TextStream(tokenizer.decode, stops)
+    out = "".join(stream.push(t) for t in tokenizer.encode(text, add_special_tokens=False)) + stream.finish()
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    assert out == (text[: min(cuts)] if cuts else text)
+    assert stream.stopped == bool(cuts)
+
+
+def test_eos_stops_and_max_new_tokens_cuts(lm):
+    completion = complete(lm, [lm.tokenizer.encode("x")], 64, logits_processors=[forcing(lm, "hi")])[0]
+    assert (completion.text, completion.finish_reason) == ("hi", "stop")
+    completion = complete(lm, [lm.tokenizer.encode("x")], 3, logits_processors=[forcing(lm, "hello")])[0]
+    assert (completion.text, completion.finish_reason, len(completion.tokens)) == ("hel", "length", 3)
+
+
+def test_same_seed_same_text_and_seeds_differ(lm):
+    a = lm.generate("once", 40, temperature=1.0, seed=7)
+    assert a == lm.generate("once", 40, temperature=1.0, seed=7)
+    assert len({lm.generate("once", 40, temperature=1.0, seed=s) for s in range(4)}) > 1
+
+
+def test_a_seeded_sample_does_not_depend_on_its_batch(lm):
+    prompts = ["one", "a longer prompt"]
+    alone = [lm.generate(p, 20, temperature=0.9, top_p=0.95, seed=3) for p in prompts]
+    assert lm.generate(prompts, 20, temperature=0.9, top_p=0.95, seed=3) == alone
+
+
+def test_greedy_is_the_default_without_generation_config(lm):
+    assert lm.config.sampling.greedy
+    assert lm.generate("abc", 16) == lm.generate("abc", 16)
+
+
+def test_beam_search_returns_a_scored_sequence(lm):
+    completion = complete(lm, [lm.tokenizer.encode("abc")], 10, num_beams=4)[0]
+    assert 0 < len(completion.tokens) <= 10
+    with pytest.raises(rosetta.InputError, match="beam search"):
+        complete(lm, [lm.tokenizer.encode("abc")], 10, num_beams=2, temperature=0.5)
+
+
+def test_continuous_batching_a_late_request_joins_and_each_equals_alone(lm):
+    prompts = [lm.tokenizer.encode(p) for p in ("first prompt", "a much longer second prompt", "3")]
+    alone = [complete(lm, [p], 12, ignore_eos=True)[0].tokens for p in prompts]
+    engine = Engine(lm, lm.tokenizer.decode, max_batch=2, capacity=8)  # small: it must shift and grow
+    with torch.inference_mode():
+        first = engine.submit(request(lm, prompts[0], 12, ignore_eos=True))
+        for _ in range(5):
+            engine.step()
+        second = engine.submit(request(lm, prompts[1], 12, ignore_eos=True))  # longer than the clock is old
+        third = engine.submit(request(lm, prompts[2], 12, ignore_eos=True))  # waits for a free row
+        while engine.busy:
+            engine.step()
+    assert [first.tokens, second.tokens, third.tokens] == alone
+    assert engine.cache.capacity > 8
+
+
+def test_a_cancelled_sequence_stops_and_frees_its_row(lm):
+    engine = Engine(lm, lm.tokenizer.decode, max_batch=2)
+    with torch.inference_mode():
+        keep = engine.submit(request(lm, lm.tokenizer.encode("keep"), 30, ignore_eos=True))
+        drop = engine.submit(request(lm, lm.tokenizer.encode("drop"), 30, ignore_eos=True))
+        engine.step()
+        engine.step()
+        drop.cancel()
+        while engine.busy:
+            engine.step()
+    assert drop.finish_reason == "cancelled" and len(drop.tokens) < 30
+    assert keep.finish_reason == "length" and len(keep.tokens) == 30
+
+
+def test_prompt_longer_than_the_context_is_refused_unless_truncation_is_asked(lm):
+    long = "x" * (lm.context_length + 10)
+    with pytest.raises(rosetta.InputError, match="context window is 512"):
+        lm.generate(long, 4)
+    assert isinstance(lm.generate(long, 4, truncate=True), str)
+
+
+def test_generation_stops_at_the_end_of_the_context(lm):
+    prompt = lm.tokenizer.encode("y" * (lm.context_length - 5))
+    completion = complete(lm, [prompt], 100, ignore_eos=True)[0]
+    assert completion.finish_reason == "length" and len(completion.tokens) == 5
+
+
+def test_bad_sampling_parameters_are_input_errors(lm):
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"min_p": 2}, {"repetition_penalty": 0}):
+        with pytest.raises(rosetta.InputError):
+            lm.generate("a", 2, **bad)
+
+
+def test_chat_uses_the_template_and_stream_takes_a_conversation(lm):
+    messages = [{"role": "user", "content": "hi"}]
+    ids = lm.chat_prompt(messages)
+    rendered = lm.tokenizer.decode(ids, skip_special_tokens=False)
+    assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert lm.chat(messages, 10) == "".join(lm.stream(messages, 10))
+    with pytest.raises(rosetta.InputError, match="role"):
+        lm.chat([{"role": "wizard", "content": "x"}])
+
+
+# The sampling transformations against transformers' own warpers.
+
+
+@given(st.integers(0, 2**31 - 1), st.floats(0.1, 2.0), st.integers(0, 40), st.floats(0.05, 1.0), st.floats(0.0, 0.5))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_warping_matches_transformers(seed, temperature, top_k, top_p, min_p):
+    pytest.importorskip("transformers")
+    from transformers.generation import logits_process as lp
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(seed)) * 3
+    theirs = lp.TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        theirs = lp.TopKLogitsWarper(top_k)(None, theirs)
+    if top_p < 1:
+        theirs = lp.TopPLogitsWarper(top_p)(None, theirs)
+    if min_p > 0:
+        theirs = lp.MinPLogitsWarper(min_p)(None, theirs)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    mine = warp(logits.clone(), [params] * 3)
+    assert torch.equal(torch.isinf(mine), torch.isinf(theirs))
+    kept = ~torch.isinf(mine)
+    torch.testing.assert_close(mine[kept], theirs[kept])
+
+
+def test_repetition_penalty_matches_transformers():
+    pytest.importorskip("transformers")
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from rosetta.generation.sampling import penalize_repetition
+
+    logits = torch.randn(1, 30, generator=torch.Generator().manual_seed(0))
+    seen = torch.tensor([[3, 5, 5, 9, 20]])
+    theirs = RepetitionPenaltyLogitsProcessor(1.3)(seen, logits.clone())
+    mine = logits.clone()[0]
+    penalize_repetition(mine, seen[0], 1.3)
+    torch.testing.assert_close(mine, theirs[0])
+
+
+# JSON-schema-constrained decoding: the output always parses and validates, even from random weights.
+
+
+_LEAVES = st.one_of(
+    st.builds(lambda lo, span: {"type": "integer", "minimum": lo, "maximum": lo + span},
+              st.integers(-50, 50), st.integers(0, 1000)),
+    st.builds(lambda lo: {"type": "number", "minimum": lo, "maximum": lo + 10}, st.integers(-5, 5)),
+    st.builds(lambda n: {"type": "string", "maxLength": n}, st.integers(0, 8)),
+    st.just({"type": "boolean"}),
+    st.lists(st.text(alphabet="abcxyz", min_size=1, max_size=4), min_size=1, max_size=4, unique=True).map(
+        lambda values: {"enum": values}),
+)
+
+
+def _object(children):
+    names = st.lists(st.text(alphabet="abcdefgh", min_size=1, max_size=5), min_size=1, max_size=3, unique=True)
+    return names.flatmap(lambda keys: st.tuples(st.just(keys), st.lists(children, min_size=len(keys),
+                                                                      max_size=len(keys)), st.data())).map(
+        lambda t: {"type": "object", "properties": dict(zip(t[0], t[1])),
+                   "required": t[2].draw(st.lists(st.sampled_from(t[0]), unique=True)),
+                   "additionalProperties": False})
+
+
+SCHEMAS = st.recursive(
+    _LEAVES,
+    lambda children: st.one_of(
+        _object(children),
+        st.builds(lambda item, n: {"type": "array", "items": item, "maxItems": n}, children, st.integers(0, 3)),
+    ),
+    max_leaves=6,
+).filter(lambda s: s.get("type") in ("object", "array"))
+
+
+@given(SCHEMAS, st.integers(0, 1000))
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+def test_constrained_output_always_parses_and_validates(lm, schema, seed):
+    completion = complete(lm, [lm.tokenizer.encode("JSON:")], 400, json_schema=schema, temperature=1.0,
+                          seed=seed)[0]
+    assert completion.finish_reason == "stop", completion.text
+    jsonschema.validate(json.loads(completion.text), schema)
+
+
+def test_constrained_greedy_output_validates(lm):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 5},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                               "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}},
+              "required": ["name", "age", "tags"], "additionalProperties": False}
+    text = lm.generate("person:", 200, json_schema=schema)
+    jsonschema.validate(json.loads(text), schema)
+
+
+def test_a_schema_that_does_not_compile_is_a_clear_error(lm):
+    from rosetta.generation.constraints import SchemaError
+
+    for schema, reason in [({"type": "nonsense"}, "nonsense"), ({"$ref": "#/nope"}, "nope"), ("{bad", "not valid JSON"),
+                           ({"type": "integer", "minimum": 5, "maximum": 1}, "minimum")]:
+        with pytest.raises(SchemaError, match=reason):
+            lm.generate("x", 5, json_schema=schema)
