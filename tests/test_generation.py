@@ -270,3 +270,21 @@ def test_a_schema_that_does_not_compile_is_a_clear_error(lm):
                            ({"type": "integer", "minimum": 5, "maximum": 1}, "minimum")]:
         with pytest.raises(SchemaError, match=reason):
             lm.generate("x", 5, json_schema=schema)
+
+
+def test_the_threaded_decode_product_equals_the_plain_one():
+    import torch.nn.functional as F
+
+    from rosetta.nn.decoder import fast_linear
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        weight, bias = torch.randn(96, 40), torch.randn(96)
+        for shape in [(1, 40), (3, 1, 40), (8, 1, 40), (16, 40), (2, 9, 40)]:
+            x = torch.randn(*shape)
+            torch.testing.assert_close(fast_linear(x, weight, bias), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+        x, weight = x.bfloat16(), weight.bfloat16()
+        torch.testing.assert_close(fast_linear(x, weight), F.linear(x, weight))
+    finally:
+        torch.set_num_threads(threads)

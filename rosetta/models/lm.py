@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rosetta.errors import InputError, RosettaError
@@ -25,7 +24,7 @@ from rosetta.generation.sampling import SamplingParams
 from rosetta.modalities.text import LMTokenizer, byte_lm_tokenizer
 from rosetta.models.registry import Family
 from rosetta.nn.cache import CacheWindow, KVCache, attention_mask
-from rosetta.nn.decoder import DecoderBlock, RMSNorm, RopeScaling, RotaryEmbedding
+from rosetta.nn.decoder import DecoderBlock, Linear, RMSNorm, RopeScaling, RotaryEmbedding, fast_linear
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 
@@ -123,7 +122,7 @@ class CausalLM(nn.Module):
             for _ in range(c.layers)
         )
         self.norm = RMSNorm(c.width, c.norm_eps)
-        self.lm_head = None if c.tie_embeddings else nn.Linear(c.width, c.vocab_size, bias=False)
+        self.lm_head = None if c.tie_embeddings else Linear(c.width, c.vocab_size, bias=False)
         self.rope = RotaryEmbedding(c.head_size, c.rope_theta, c.rope_scaling)
         self.tokenizer = tokenizer or byte_lm_tokenizer()
         self._grammars = None
@@ -176,7 +175,7 @@ class CausalLM(nn.Module):
         if last_only:
             x = x[:, -1]
         x = self.norm(x)
-        return F.linear(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)
+        return fast_linear(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)
 
     def _uncached(self, batch: int, length: int, attention_mask: torch.Tensor | None):
         device = self.device
@@ -249,11 +248,11 @@ class CausalLM(nn.Module):
         return self._grammars
 
     def stop_ids(self) -> tuple[int, ...]:
-        """End-of-sequence ids: the config's, and the tokenizer's end-of-sequence token."""
+        """End-of-sequence ids: the config's, and the tokenizer's end-of-sequence token (if the model can say it)."""
         ids = list(self.config.eos_token_ids)
         if self.tokenizer.eos_id is not None and self.tokenizer.eos_id not in ids:
             ids.append(self.tokenizer.eos_id)
-        return tuple(ids)
+        return tuple(i for i in ids if 0 <= i < self.config.vocab_size)
 
     def save_pretrained(self, directory: str | Path, format: str = "rosetta") -> Path:
         """Write a model directory: Rosetta's own format, or `format="transformers"` for transformers."""
