@@ -288,3 +288,48 @@ def test_the_threaded_decode_product_equals_the_plain_one():
         torch.testing.assert_close(fast_linear(x, weight), F.linear(x, weight))
     finally:
         torch.set_num_threads(threads)
+
+
+# Regressions found in review.
+
+
+def test_a_vanishing_temperature_is_greedy_not_an_overflow(lm):
+    assert lm.generate("abc", 12, temperature=1e-39, seed=1) == lm.generate("abc", 12, temperature=0)
+
+
+def test_a_failing_row_ends_alone_and_its_batch_goes_on(lm):
+    def broken(ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        raise ValueError("this processor always fails")
+
+    engine = Engine(lm, lm.tokenizer.decode, max_batch=2)
+    with torch.inference_mode():
+        good = engine.submit(request(lm, lm.tokenizer.encode("good"), 10, ignore_eos=True))
+        bad = engine.submit(request(lm, lm.tokenizer.encode("bad"), 10, logits_processors=[broken]))
+        while engine.busy:
+            engine.step()
+    assert bad.finish_reason == "error" and isinstance(bad.error, ValueError)
+    assert good.finish_reason == "length" and good.tokens == complete(lm, [good.request.prompt], 10,
+                                                                      ignore_eos=True)[0].tokens
+    with pytest.raises(ValueError, match="always fails"):
+        lm.generate("x", 4, logits_processors=[broken])
+
+
+def test_rotary_frequencies_stay_fp32_in_a_bf16_model():
+    model = rosetta.create("tiny-lm").to(torch.bfloat16)
+    assert model.rope.inv_freq.dtype == torch.float32
+    cos, _ = model.rope(torch.tensor([[3000]]), torch.bfloat16)
+    exact, _ = rosetta.create("tiny-lm").rope(torch.tensor([[3000]]), torch.float32)
+    torch.testing.assert_close(cos.float(), exact, atol=1e-2, rtol=0)
+
+
+def test_a_stop_string_completed_by_the_held_back_tail_is_cut():
+    from rosetta.modalities.text import byte_lm_tokenizer
+
+    tokenizer = byte_lm_tokenizer()
+    stream = TextStream(tokenizer.decode, [" \u20ac"])
+    ids = tokenizer.encode("Hello \u20ac", add_special_tokens=False)[:-1]  # "€" cut after two of its bytes
+    out = "".join(stream.push(t) for t in ids)
+    assert "\ufffd" not in out
+    stream = TextStream(tokenizer.decode, [" "])
+    out = "".join(stream.push(t) for t in ids) + stream.finish()
+    assert out == "Hello" and stream.stopped

@@ -238,6 +238,8 @@ def test_export_loads_in_transformers_with_the_same_logits(pair, tmp_path):
     with torch.no_grad():
         assert (back(ids).logits - ref(ids).logits).abs().max().item() <= ATOL
     assert rosetta.load(tmp_path).config == ours.config
+    exported_config = json.loads((tmp_path / "config.json").read_text())  # transformers 4 reads these
+    assert exported_config["rope_theta"] == ref.config.rope_parameters["rope_theta"]
     exported = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert exported("naïve café 🎉").input_ids == ours.tokenizer.encode("naïve café 🎉")
 

@@ -196,3 +196,16 @@ def test_the_chat_page_is_served(server):
     page = httpx.get(f"{server}/")
     assert page.status_code == 200 and "chat.js" in page.text
     assert httpx.get(f"{server}/static/chat.js").status_code == 200
+
+
+def test_review_regressions_are_4xx_not_500(server):
+    for body in ({"messages": MESSAGES, "seed": 2**70, "temperature": 1.0},
+                 {"messages": MESSAGES, "seed": -1}):
+        r = httpx.post(f"{server}/v1/chat/completions", headers={"X-API-Key": KEY}, json=body, timeout=30)
+        assert r.status_code == 422, r.text
+    r = httpx.post(f"{server}/v1/completions", headers={"X-API-Key": KEY}, timeout=30,
+                   json={"prompt": "", "stream": True})
+    assert r.status_code == 422 and "empty" in r.json()["error"]["message"]
+    r = httpx.post(f"{server}/v1/chat/completions", headers={"X-API-Key": KEY}, timeout=30,
+                   json={"messages": MESSAGES, "temperature": 1e-39, "max_tokens": 4})
+    assert r.status_code == 200

@@ -146,19 +146,22 @@ def split_shapes(config: LMConfig) -> dict[str, tuple[int, ...]]:
 
 def export_config(config: LMConfig) -> dict[str, Any]:
     c = config
-    rope: dict[str, Any] = {"rope_theta": c.rope_theta, "rope_type": "default"}
+    scaling: dict[str, Any] | None = None
     if c.rope_scaling is not None:
         s = c.rope_scaling
-        rope = {"rope_theta": c.rope_theta, "rope_type": s.kind, "factor": s.factor}
+        scaling = {"rope_type": s.kind, "factor": s.factor}
         if s.kind == "llama3":
-            rope |= {"low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
-                     "original_max_position_embeddings": s.original_context}
+            scaling |= {"low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+                        "original_max_position_embeddings": s.original_context}
+    rope = {"rope_theta": c.rope_theta, **(scaling or {"rope_type": "default"})}
     out: dict[str, Any] = {
         "architectures": [MODEL_TYPES[c.architecture]], "model_type": c.architecture,
         "vocab_size": c.vocab_size, "hidden_size": c.width, "intermediate_size": c.mlp_dim,
         "num_hidden_layers": c.layers, "num_attention_heads": c.heads, "num_key_value_heads": c.kv_heads,
         "head_dim": c.head_size, "hidden_act": "silu", "max_position_embeddings": c.context_length,
-        "rms_norm_eps": c.norm_eps, "tie_word_embeddings": c.tie_embeddings, "rope_parameters": rope,
+        "rms_norm_eps": c.norm_eps, "tie_word_embeddings": c.tie_embeddings,
+        # transformers 5 reads rope_parameters; 4.x (and the tools built on its configs) rope_theta + rope_scaling
+        "rope_parameters": rope, "rope_theta": c.rope_theta, "rope_scaling": scaling,
         "bos_token_id": c.bos_token_id, "eos_token_id": list(c.eos_token_ids) or None, "pad_token_id": c.pad_token_id,
     }
     if c.architecture == "llama":

@@ -60,7 +60,7 @@ class Request:
 class Completion:
     text: str
     tokens: list[int]
-    finish_reason: str  # "stop" (end-of-sequence, stop string, grammar complete), "length", or "cancelled"
+    finish_reason: str  # "stop" (end-of-sequence, stop string, grammar complete), "length", "cancelled", "error"
     prompt_tokens: int
     seconds_to_first_token: float | None
 
@@ -74,6 +74,7 @@ class Generation:
         self.stream = TextStream(decode, request.stop)
         self.generator = None if request.sampling.greedy else new_generator(request.seed, device)
         self.finish_reason: str | None = None
+        self.error: Exception | None = None  # why it stopped, when finish_reason is "error"
         self.cancelled = False
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
@@ -155,6 +156,9 @@ class Engine:
         sequences = [self.submit(r) for r in requests]
         while self.busy:
             self.step()
+        failed = next((s.error for s in sequences if s.error is not None), None)
+        if failed is not None:
+            raise failed
         return [s.completion() for s in sequences]
 
     # Admitting: one prefill pass over the newcomers, their prompts ending at the current column
@@ -207,25 +211,39 @@ class Engine:
         logits = logits.float()
         sequences = [self.rows[r] for r in rows]
         for i, s in enumerate(sequences):
-            r = s.request
-            if r.constraint is not None:
-                r.constraint.mask(logits[i])
-            if r.sampling.repetition_penalty != 1:
-                seen = torch.tensor(r.prompt + s.tokens, device=logits.device)
-                penalize_repetition(logits[i], seen, r.sampling.repetition_penalty)
-            for processor in r.processors:
-                logits[i] = processor(r.prompt + s.tokens, logits[i])
-            if r.ignore_eos:
-                logits[i, list(r.stop_ids)] = -torch.inf
+            self._guarded(s, self._shape, s, logits[i])
         tokens = logits.argmax(dim=-1).tolist()
-        sampled = [i for i, s in enumerate(sequences) if not s.request.sampling.greedy]
+        sampled = [i for i, s in enumerate(sequences) if not (s.finished or s.request.sampling.greedy)]
         if sampled:
             warped = warp(logits[sampled], [sequences[i].request.sampling for i in sampled])
-            for i, token in zip(sampled, sample(warped, [sequences[i].generator for i in sampled])):
-                tokens[i] = token
-        events = [self._accept(s, token) for s, token in zip(sequences, tokens)]
+            for i, row in zip(sampled, warped):
+                tokens[i] = self._guarded(sequences[i], sample, row, sequences[i].generator)
+        events = [Event(s, "", True) if s.finished else self._accept(s, token) for s, token in zip(sequences, tokens)]
         self._release_finished()
         return events
+
+    @staticmethod
+    def _shape(s: Generation, logits: torch.Tensor) -> None:
+        """The request's own changes to its row of logits [V], in place: grammar, penalty, processors."""
+        r = s.request
+        if r.constraint is not None:
+            r.constraint.mask(logits)
+        if r.sampling.repetition_penalty != 1:
+            seen = torch.tensor(r.prompt + s.tokens, device=logits.device)
+            penalize_repetition(logits, seen, r.sampling.repetition_penalty)
+        for processor in r.processors:
+            logits.copy_(processor(r.prompt + s.tokens, logits))
+        if r.ignore_eos:
+            logits[list(r.stop_ids)] = -torch.inf
+
+    @staticmethod
+    def _guarded(s: Generation, fn, *args):
+        """fn(*args); if it fails, only this sequence ends (finish_reason "error"), not the others in the batch."""
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - a processor, a grammar or non-finite logits: one row's problem
+            s.finish_reason, s.error = "error", e
+            return 0
 
     def _accept(self, s: Generation, token: int) -> Event:
         r = s.request
@@ -246,6 +264,8 @@ class Engine:
                 s.finish_reason = "length"
         if s.finished:
             text += s.stream.finish()
+            if s.stream.stopped:  # the last held-back text completed a stop string
+                s.finish_reason = "stop"
         return Event(s, text, s.finished)
 
     # Slots and columns

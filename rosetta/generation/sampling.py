@@ -13,6 +13,8 @@ import torch
 
 from rosetta.errors import InputError
 
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -36,7 +38,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperatures this close to 0 are greedy: dividing logits by them would overflow to infinity."""
+        return self.temperature < GREEDY_BELOW
 
     def updated(self, **changes) -> SamplingParams:
         """A copy with the changes that are not None."""
@@ -77,10 +80,9 @@ def warp(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, generators: list[torch.Generator | None]) -> list[int]:
-    """One token per row of warped logits [n, V], each row drawn with its own generator."""
-    probs = logits.softmax(dim=-1)
-    return [int(torch.multinomial(row, 1, generator=g)) for row, g in zip(probs, generators)]
+def sample(logits: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One token from one row of warped logits [V]."""
+    return int(torch.multinomial(logits.softmax(dim=-1), 1, generator=generator))
 
 
 def new_generator(seed: int | None, device: torch.device) -> torch.Generator:

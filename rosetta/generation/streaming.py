@@ -46,13 +46,20 @@ class TextStream:
         if self.stopped:
             return ""
         tail = self.decode(self.ids[self._prefix :])[len(self.decode(self.ids[self._prefix : self._read])) :]
-        held, self._held = self._held + tail, ""
+        pending, self._held = self._held + tail, ""
         self._read = len(self.ids)
-        self.text += held
-        return held
+        cut = self._first_stop(pending)
+        if cut >= 0:
+            self.stopped = True
+            pending = pending[:cut]
+        self.text += pending
+        return pending
+
+    def _first_stop(self, text: str) -> int:
+        return min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
 
     def _release(self, pending: str) -> str:
-        cut = min((i for i in (pending.find(s) for s in self.stop) if i >= 0), default=-1)
+        cut = self._first_stop(pending)
         if cut >= 0:
             self.stopped = True
             self._held = ""

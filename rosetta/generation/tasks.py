@@ -27,6 +27,8 @@ def request(model, prompt: list[int], max_new_tokens: int = 256, *, temperature:
     context = model.context_length
     if max_new_tokens < 1:
         raise InputError("max_new_tokens must be at least 1")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise InputError("seed: an integer in [0, 2**63)")
     if len(prompt) >= context:
         if not truncate:
             raise InputError(f"prompt: {len(prompt)} tokens; the model's context window is {context} "
@@ -70,6 +72,8 @@ def stream(model, prompt: list[int], max_new_tokens: int = 256, **options: Any) 
     run = engine(model, 1, len(r.prompt) + r.max_new_tokens)
     with torch.inference_mode():
         for event in run.run([r]):
+            if event.sequence.error is not None:
+                raise event.sequence.error
             if event.text:
                 yield event.text
 

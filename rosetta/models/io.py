@@ -57,19 +57,22 @@ def read_weights(directory: Path, candidates: tuple[str, ...]) -> dict[str, torc
     for name in candidates:
         path = directory / name
         index = directory / f"{name}.index.json"
-        if path.suffix == ".safetensors" and index.exists():
+        if index.exists():
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return {k: v for shard in shards for k, v in load_file(directory / shard).items()}
-        if not path.exists():
-            continue
-        if path.suffix == ".safetensors":
-            return load_file(path)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means we will not trust this file
-            raise RosettaError(f"{path}: not a plain tensor checkpoint, refusing to unpickle it ({e})") from None
-        return state.get("state_dict", state)
+            return {k: v for shard in shards for k, v in _read_file(directory / shard).items()}
+        if path.exists():
+            return _read_file(path)
     raise RosettaError(f"{directory}: no weights found (looked for {', '.join(candidates)})")
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means we will not trust this file
+        raise RosettaError(f"{path}: not a plain tensor checkpoint, refusing to unpickle it ({e})") from None
+    return state.get("state_dict", state)
 
 
 __all__ = ["read_weights", "resolve_dtype", "resolve_device", "cpu_has_fast_bf16"]

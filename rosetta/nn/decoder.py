@@ -79,7 +79,7 @@ ROPE_KINDS = ("default", "linear", "llama3")
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
     """The inverse frequencies [head_dim / 2] of each rotated pair of channels."""
-    # On the CPU even while a model is built on the meta device: this buffer is computed, never loaded.
+    # On the CPU even while a model is built on the meta device: the frequencies are computed, never loaded.
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
     scaling = scaling or RopeScaling()
     if scaling.kind == "default":
@@ -101,13 +101,19 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = 
 
 
 class RotaryEmbedding(nn.Module):
-    """cos and sin [B, L, head_dim] of each token's position, computed once per forward for every layer."""
+    """cos and sin [B, L, head_dim] of each token's position, computed once per forward for every layer.
+
+    The frequencies are a plain tensor, not a buffer: `model.to(torch.bfloat16)` would round them to bf16,
+    and a rotation angle of position x frequency then drifts by radians within a few thousand tokens.
+    """
 
     def __init__(self, head_dim: int, theta: float, scaling: RopeScaling | None = None):
         super().__init__()
-        self.register_buffer("inv_freq", rope_frequencies(head_dim, theta, scaling), persistent=False)
+        self.inv_freq = rope_frequencies(head_dim, theta, scaling)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
         freqs = positions[..., None].float() * self.inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)

@@ -147,6 +147,9 @@ class TextGenerator:
         if event.finished:
             del self._streams[id(event.sequence)]
             self._record(event.sequence)
+            if event.sequence.error is not None:
+                stream.push(event.sequence.error)
+                return
         stream.push(event)
 
     def _record(self, sequence: Generation) -> None:

@@ -73,7 +73,7 @@ class _Sampling(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0, description="an extension")
     n: int = Field(1, ge=1, le=16, description="how many completions of the prompt")
     stop: str | list[str] | None = Field(None, description="up to 4 stop strings")
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
     ignore_eos: bool = Field(False, description="an extension: generate max_tokens whatever the model says")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -178,7 +178,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
         return _requests(svc, prompt, body, max_tokens, schema)
 
     requests = await _prepared(prepare)
-    streams = [svc.generator.submit(r) for r in requests]
+    streams = _submit(svc, requests)
     prompt_tokens = len(requests[0].prompt)
     reply_id, created, name = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), _model_name(request)
     if body.stream:
@@ -223,7 +223,7 @@ async def text_completions(request: Request, body: CompletionRequest):
         return out
 
     requests = await _prepared(prepare)
-    streams = [svc.generator.submit(r) for r in requests]
+    streams = _submit(svc, requests)
     echoes = [p if isinstance(p, str) else svc.model.tokenizer.decode(p) for p in prompts for _ in range(body.n)]
     echoes = echoes if body.echo else [""] * len(echoes)
     reply_id, created, name = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), _model_name(request)
@@ -278,6 +278,8 @@ def _requests(svc, prompt: list[int], body: _Sampling, max_tokens: int | None, s
         raise InputError("stop: at most 4 stop strings")
     limit = svc.settings.max_new_tokens
     context = svc.model.context_length
+    if not prompt:
+        raise InputError("prompt: empty (give at least one token)")
     if len(prompt) >= context:
         raise ApiError(400, "context_length_exceeded",
                        f"the prompt has {len(prompt)} tokens; this model's context window is {context}")
@@ -289,6 +291,19 @@ def _requests(svc, prompt: list[int], body: _Sampling, max_tokens: int | None, s
     return [request(svc.model, prompt, max_tokens, seed=None if body.seed is None else body.seed + i,
                     ignore_eos=body.ignore_eos, **options)
             for i in range(body.n)]
+
+
+def _submit(svc, requests: list) -> list[Stream]:
+    """Queue every request of one HTTP request, or none: if the queue refuses one, the others are withdrawn."""
+    streams: list[Stream] = []
+    try:
+        for r in requests:
+            streams.append(svc.generator.submit(r))
+    except BaseException:
+        for s in streams:
+            s.cancel()
+        raise
+    return streams
 
 
 async def _prepared(prepare):
