@@ -135,8 +135,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 # Modules that add their subcommands with `register(subparsers)`; each imports heavy things lazily.
-COMMAND_MODULES: list[str] = ["rosetta.generation.commands", "rosetta.eval.commands", "rosetta.train.commands",
-                              "rosetta.serve.commands", "rosetta.store.commands", "rosetta.data.commands"]
+COMMAND_MODULES: list[str] = ["rosetta.generation.commands", "rosetta.speech.commands", "rosetta.eval.commands",
+                              "rosetta.train.commands", "rosetta.serve.commands", "rosetta.store.commands",
+                              "rosetta.data.commands"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,11 +19,15 @@ _DEAD = -1.0e9
 
 def beam_search(model: Decoder, prompt: list[int], *, num_beams: int, max_new_tokens: int,
                 stop_ids: frozenset[int], length_penalty: float = 1.0,
-                processors: Sequence[LogitsProcessor] = (), decode=None) -> Completion:
+                processors: Sequence[LogitsProcessor] = (), decode=None,
+                context: torch.Tensor | None = None) -> Completion:
+    """The best hypothesis; `context` is an encoder-decoder's (Whisper's audio states), shared by the beams."""
     device = model.device
     length = len(prompt)
     max_new_tokens = min(max_new_tokens, model.context_length - length)
     cache = model.new_cache(num_beams, length + max_new_tokens)
+    if context is not None:
+        model.bind(cache, slice(0, num_beams), [context] * num_beams)
     first = torch.zeros(num_beams, dtype=torch.long)
     window = cache.window(slice(0, 1), 0, length, first[:1])
     ids = torch.tensor([prompt], device=device)
@@ -73,4 +77,4 @@ def beam_search(model: Decoder, prompt: list[int], *, num_beams: int, max_new_to
     if by_eos:
         tokens = tokens[:-1]
     text = decode(tokens) if decode is not None else ""
-    return Completion(text, tokens, "stop" if by_eos else "length", length, None)
+    return Completion(text, tokens, "stop" if by_eos else "length", length, None, score=score)

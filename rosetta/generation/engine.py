@@ -41,6 +41,9 @@ class Decoder(Protocol):
     def __call__(self, ids: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
                  positions: torch.Tensor, window: CacheWindow, last_only: bool = False) -> torch.Tensor: ...
 
+    # An encoder-decoder also has `bind(cache, rows, contexts)`: write the cross-attention keys and values of
+    # each admitted row's context (its encoder output) into the cache.
+
 
 @dataclass
 class Request:
@@ -54,6 +57,8 @@ class Request:
     processors: tuple[LogitsProcessor, ...] = ()
     ignore_eos: bool = False  # run to max_new_tokens (benchmarks)
     prompt_embeds: torch.Tensor | None = None  # [len(prompt), width]: the prompt as embeddings (images spliced in)
+    context: torch.Tensor | None = None  # what an encoder-decoder's cross-attention reads (Whisper: audio states)
+    logprobs: bool = False  # record each chosen token's log-probability (after the processors, at temperature 1)
 
 
 @dataclass
@@ -63,6 +68,8 @@ class Completion:
     finish_reason: str  # "stop" (end-of-sequence, stop string, grammar complete), "length", "cancelled", "error"
     prompt_tokens: int
     seconds_to_first_token: float | None
+    logprobs: list[float] = field(default_factory=list)  # of each token, when the request asked for them
+    score: float | None = None  # beam search: the hypothesis' log-probability over length ** length_penalty
 
 
 class Generation:
@@ -71,6 +78,7 @@ class Generation:
     def __init__(self, request: Request, decode: Callable[[list[int]], str], device: torch.device):
         self.request = request
         self.tokens: list[int] = []
+        self.logprobs: list[float] = []
         self.stream = TextStream(decode, request.stop)
         self.generator = None if request.sampling.greedy else new_generator(request.seed, device)
         self.finish_reason: str | None = None
@@ -91,7 +99,7 @@ class Generation:
     def completion(self) -> Completion:
         ttft = None if self.first_token_at is None else self.first_token_at - self.submitted
         return Completion(self.stream.text, list(self.tokens), self.finish_reason or "cancelled",
-                          len(self.request.prompt), ttft)
+                          len(self.request.prompt), ttft, list(self.logprobs))
 
 
 @dataclass
@@ -182,6 +190,8 @@ class Engine:
             positions[i, longest - length :] = torch.arange(length)
             self.first[n + i] = self.column - length
         window = self.cache.window(slice(n, n + m), start, longest, self.first[n : n + m])
+        if any(s.request.context is not None for s in group):
+            self.model.bind(self.cache, slice(n, n + m), [s.request.context for s in group])
         embeds = None
         if any(s.request.prompt_embeds is not None for s in group):
             embeds = self.model.embed_tokens(ids.to(device))
@@ -218,6 +228,9 @@ class Engine:
             warped = warp(logits[sampled], [sequences[i].request.sampling for i in sampled])
             for i, row in zip(sampled, warped):
                 tokens[i] = self._guarded(sequences[i], sample, row, sequences[i].generator)
+        for i, s in enumerate(sequences):
+            if s.request.logprobs and not s.finished:
+                s.logprobs.append(float(logits[i].log_softmax(dim=-1)[tokens[i]]))
         events = [Event(s, "", True) if s.finished else self._accept(s, token) for s, token in zip(sequences, tokens)]
         self._release_finished()
         return events

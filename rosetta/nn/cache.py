@@ -5,6 +5,9 @@ A row's tokens fill a contiguous run of columns that ends at that shared column 
 joined (left padding, in effect), so one bool per (row, column) is never needed: a row's first column says
 which keys it may see. Masks are built only where some row must not see some column; otherwise attention
 runs unmasked (decode) or with the causal flag (a fresh prefill), the fastest kernels for each.
+
+An encoder-decoder (Whisper) also keeps, per row, the keys and values its cross-attention reads: computed
+once from the encoder's output when the row's request is admitted, and moved with the row.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ class CacheWindow:
             return k, v
         return keys[self.rows, :, self.attend_from : end], values[self.rows, :, self.attend_from : end]
 
+    def context(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-attention keys and values [rows, heads, S, head_dim] of this pass's rows."""
+        return self.cache.context_keys[layer][self.rows], self.cache.context_values[layer][self.rows]
+
 
 def attention_mask(first: torch.Tensor, query_columns: torch.Tensor, key_columns: torch.Tensor,
                    sliding_window: int | None = None) -> torch.Tensor:
@@ -54,11 +61,20 @@ def attention_mask(first: torch.Tensor, query_columns: torch.Tensor, key_columns
 
 class KVCache:
     def __init__(self, layers: int, kv_heads: int, head_dim: int, slots: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu", sliding_window: int | None = None):
+                 dtype: torch.dtype, device: torch.device | str = "cpu", sliding_window: int | None = None,
+                 context: tuple[int, int] | None = None):
+        """`context` (heads, length): room per row for cross-attention keys and values of that shape."""
         shape = (slots, kv_heads, capacity, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.sliding_window = sliding_window
+        self.context_keys: list[torch.Tensor] = []
+        self.context_values: list[torch.Tensor] = []
+        if context is not None:
+            heads, length = context
+            shape = (slots, heads, length, head_dim)
+            self.context_keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+            self.context_values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
 
     @property
     def slots(self) -> int:
@@ -106,13 +122,17 @@ class KVCache:
                 t[rows, :, start + by : stop + by] = t[rows, :, start:stop].clone()
 
     def move_row(self, source: int, target: int, columns: slice) -> None:
-        """Copy one row's stored columns into another slot (filling the gap a finished sequence leaves)."""
+        """Copy one row's stored columns (and its context) into another slot (filling a finished row's gap)."""
         for tensors in (self.keys, self.values):
             for t in tensors:
                 t[target, :, columns] = t[source, :, columns]
+        for tensors in (self.context_keys, self.context_values):
+            for t in tensors:
+                t[target] = t[source]
 
     def reorder(self, rows: torch.Tensor, columns: slice) -> None:
-        """Row i becomes a copy of row `rows[i]` (beam search keeps the beams that survive)."""
+        """Row i becomes a copy of row `rows[i]` (beam search keeps the beams that survive). Contexts are left:
+        the beams of one search share theirs."""
         n = len(rows)
         for tensors in (self.keys, self.values):
             for t in tensors:

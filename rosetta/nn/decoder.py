@@ -141,12 +141,15 @@ class Attention(nn.Module):
         self.qkv = Linear(dim, (heads + 2 * kv_heads) * head_dim, bias=qkv_bias)
         self.out = Linear(heads * head_dim, dim, bias=out_bias)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], window: CacheWindow,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, window: CacheWindow,
                 layer: int) -> torch.Tensor:
+        """Self-attention of x [B, L, dim] through the cache window; `rope` None: positions are elsewhere."""
         batch, length, _ = x.shape
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         qk, v = self.qkv(x).split([(heads + kv_heads) * head_dim, kv_heads * head_dim], dim=-1)
-        qk = apply_rope(qk.view(batch, length, heads + kv_heads, head_dim).transpose(1, 2), *rope)
+        qk = qk.view(batch, length, heads + kv_heads, head_dim).transpose(1, 2)
+        if rope is not None:
+            qk = apply_rope(qk, *rope)
         q, k = qk.split([heads, kv_heads], dim=1)
         v = v.view(batch, length, kv_heads, head_dim).transpose(1, 2)
         k, v = window.update(layer, k, v)

@@ -67,7 +67,7 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Queries from one sequence, keys and values from another (attention pooling)."""
+    """Queries from one sequence, keys and values from another (attention pooling, an encoder's output)."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -77,9 +77,21 @@ class CrossAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(self, queries: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.attend(queries, *self.keys_values(x))
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, heads, S, head_dim] of x [B, S, dim]: computed once, attended by every step."""
+        k, v = self.kv(x).chunk(2, dim=-1)
+        return _split_heads(k, self.heads), _split_heads(v, self.heads)
+
+    def attend(self, queries: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q = _split_heads(self.q(queries), self.heads)
-        k, v = (_split_heads(t, self.heads) for t in self.kv(x).chunk(2, dim=-1))
         return self.out(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
+
+    def scores(self, queries: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The attention logits [B, heads, L, S] (scaled, before the softmax), for alignment."""
+        q = _split_heads(self.q(queries), self.heads)
+        return (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
 
 
 class Block(nn.Module):

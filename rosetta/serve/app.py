@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rosetta.errors import InputError, RosettaError
+from rosetta.serve.audio import audio
 from rosetta.serve.auth import require_api_key
 from rosetta.serve.batching import BatchedModel, MicroBatcher, model_runners
 from rosetta.serve.cache import EmbeddingCache
@@ -259,18 +260,21 @@ chat_page = APIRouter()
 # Routers by what they need of the model (None: nothing), and whether they need the API key when one is set.
 # A new task appends its router here.
 ROUTERS: list[tuple[APIRouter, str | None]] = [
-    (embedding, "embed"), (retrieval, "embed"), (completions, "generate"), (monitoring, None),
+    (embedding, "embed"), (retrieval, "embed"), (completions, "generate"), (audio, "transcribe"), (monitoring, None),
 ]
 OPEN_ROUTERS: list[tuple[APIRouter, str | None]] = [(system, None), (embedding_page, "embed"), (chat_page, "generate")]
 
 
 def capabilities(model) -> set[str]:
-    """What a model can do, as the routers name it: "embed" (images and texts), "generate" (text)."""
+    """What a model can do, as the routers name it: "embed" (images and texts), "generate" (text),
+    "transcribe" (speech)."""
     can = set()
     if callable(getattr(model, "embed_images", None)) and callable(getattr(model, "embed_texts", None)):
         can.add("embed")
     if callable(getattr(model, "chat_prompt", None)) and callable(getattr(model, "new_cache", None)):
         can.add("generate")
+    if callable(getattr(model, "transcribe", None)):
+        can.add("transcribe")
     return can
 
 
@@ -603,7 +607,7 @@ def create_app(model, store=None, settings: Settings | None = None) -> FastAPI:
     if not can:
         raise RosettaError(f"a {type(model).__name__} neither embeds nor generates: nothing to serve")
     if not settings.model_name:
-        settings = dataclasses.replace(settings, model_name=model_name(model) if "embed" in can else _lm_name(model))
+        settings = dataclasses.replace(settings, model_name=model_name(model) if "embed" in can else _name(model))
     metrics_ = Metrics()
     svc = Services(settings, model, metrics_, store=store)
     if "embed" in can:
@@ -654,11 +658,11 @@ def create_app(model, store=None, settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _lm_name(model) -> str:
-    """A language model's name when the server was not given one: what it was loaded as, else its preset."""
+def _name(model) -> str:
+    """A generative model's name when the server was not given one: what it was loaded as, else its preset."""
     from rosetta.models.registry import presets
 
     name = getattr(model, "name", None)
     if isinstance(name, str) and name:
         return name
-    return next((preset for preset, config in presets().items() if config == model.config), "rosetta-lm")
+    return next((preset for preset, config in presets().items() if config == model.config), "rosetta")
