@@ -64,6 +64,8 @@ def read_model_bin(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
                 rank = take("B")
                 dims = [take("I") for _ in range(rank)]
                 dtype, size = _DTYPES[take("B")], take("I")
+                if pos + size > len(data):
+                    raise ValueError(f"{name} needs {size} bytes, the file has {len(data) - pos} left")
                 tensor = torch.frombuffer(bytearray(data[pos : pos + size]), dtype=dtype) if size else torch.empty(0)
                 raw[name] = tensor.reshape(dims)
                 pos += size

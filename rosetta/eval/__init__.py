@@ -1,7 +1,9 @@
-"""Evaluation: zero-shot classification, image-text retrieval and compositionality on records, and plots of runs.
+"""Evaluation: zero-shot classification, image-text retrieval and compositionality on records, speech
+recognition, and plots of runs.
 
-A record is a flat dict: "image" (a path, bytes or PIL image), "text" (its caption), "label" (a class name or
-None), "negative" (a hard-negative caption, optional); other keys are metadata and ignored here.
+A record is a flat dict: "image" (a path, bytes or PIL image) or "audio", "text" (its caption, or what is
+said), "label" (a class name or None), "negative" (a hard-negative caption, optional); other keys are
+metadata and ignored here.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from rosetta.eval.report import format_table, write_results
 from rosetta.eval.retrieval import ImageEmbeddings, captioned, retrieval
 from rosetta.eval.zeroshot import labelled, zeroshot
 
-TASKS = ("zeroshot", "retrieval", "compositionality")
+TASKS = ("zeroshot", "retrieval", "compositionality", "asr")
+EMBEDDING_TASKS = TASKS[:3]  # "all" of a model that embeds; a model that transcribes has "asr"
 
 
 def evaluate(
@@ -30,8 +33,17 @@ def evaluate(
     if unknown:
         raise ValueError(f"unknown evaluation task {unknown[0]!r}; choose from {', '.join(TASKS)}")
     records = list(records)
-    images = ImageEmbeddings(model, batch_size) if images is None else images
     results: dict[str, dict[str, float]] = {}
+    if "asr" in tasks:
+        from rosetta.eval.asr import asr, with_speech
+
+        if with_speech(records):
+            results["asr"] = asr(model, records, batch_size=min(batch_size, 8),
+                                 on_error=getattr(images, "on_error", None))
+        tasks = [t for t in tasks if t != "asr"]
+        if not tasks:
+            return results
+    images = ImageEmbeddings(model, batch_size) if images is None else images
     for task in dict.fromkeys(tasks):
         if task == "zeroshot" and labelled(records):
             results[task] = zeroshot(model, records, classes, templates, batch_size, images)
@@ -43,6 +55,6 @@ def evaluate(
 
 
 __all__ = [
-    "TASKS", "ImageEmbeddings", "compositionality", "evaluate", "format_table", "plot_run", "retrieval",
-    "write_results", "zeroshot",
+    "EMBEDDING_TASKS", "TASKS", "ImageEmbeddings", "compositionality", "evaluate", "format_table", "plot_run",
+    "retrieval", "write_results", "zeroshot",
 ]

@@ -10,18 +10,21 @@ from pathlib import Path
 from rosetta.cli import add_model_args, fail, model_from_args
 from rosetta.errors import RosettaError
 
-TASK_CHOICES = ("zeroshot", "retrieval", "compositionality", "all")
+TASK_CHOICES = ("zeroshot", "retrieval", "compositionality", "asr", "all")
 MANIFEST_SUFFIXES = (".jsonl", ".parquet", ".csv", ".tsv")  # looked for in this order
 # What each task needs in a record, for the error when no record has it.
-NEEDS = {"zeroshot": "a label", "retrieval": "a caption (text)", "compositionality": "a hard negative (negative)"}
+NEEDS = {"zeroshot": "a label", "retrieval": "a caption (text)", "compositionality": "a hard negative (negative)",
+         "asr": "an audio and its text"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "eval", help="zero-shot classification, image-text retrieval and compositionality on a dataset",
+        "eval", help="zero-shot classification, retrieval, compositionality, speech recognition on a dataset",
         description="Evaluate a model on a dataset: zero-shot classification (records with a label), image-text "
-                    "retrieval recall (records with a caption) and compositionality (records with a hard-negative "
-                    "caption). Prints a table; --out writes the metrics as CLIP_benchmark lays out its results.")
+                    "retrieval recall (records with a caption), compositionality (records with a hard-negative "
+                    "caption), or speech recognition (records with an audio and its text: WER and CER after "
+                    "Whisper's English normalisation, real-time factor). Prints a table; --out writes the metrics "
+                    "as JSON.")
     p.add_argument("--data", "-d", required=True, metavar="DIR_OR_MANIFEST",
                    help="a dataset directory (reads SPLIT.jsonl, .parquet, .csv or .tsv, and classes.json if there) "
                         "or a manifest file (and classes.json beside it)")
@@ -68,14 +71,18 @@ def dataset_files(data: Path, split: str) -> tuple[Path, list[str] | None]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from rosetta.data.records import read_records
-    from rosetta.eval import TASKS, ImageEmbeddings, evaluate, format_table, write_results
+    from rosetta.eval import EMBEDDING_TASKS, ImageEmbeddings, evaluate, format_table, write_results
 
     manifest, classes = dataset_files(Path(args.data), args.split)
     records = list(read_records(manifest))
     if not records:
         raise RosettaError(f"{manifest}: no records")
-    tasks = TASKS if args.task == "all" else (args.task,)
     model = model_from_args(args)
+    transcribes = callable(getattr(model, "transcribe", None))
+    tasks = (("asr",) if transcribes else EMBEDDING_TASKS) if args.task == "all" else (args.task,)
+    if ("asr" in tasks) != transcribes:
+        raise RosettaError(f"--task {args.task}: {args.model} " + ("transcribes speech: use --task asr" if transcribes
+                           else "does not transcribe speech"))
     failures: list[str] = []
 
     def skip(error: Exception) -> None:

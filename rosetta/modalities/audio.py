@@ -69,7 +69,7 @@ def audio_blocks(audio: AudioInput, sample_rate: int = SAMPLE_RATE, block_second
             yield waveform[start : start + step]
         return
     if isinstance(audio, (str, os.PathLike)) and not Path(audio).is_file():
-        raise InputError(f"{audio}: no such file")
+        raise InputError(f"{audio}: {'is a directory' if Path(audio).is_dir() else 'no such file'}")
     name = describe(audio)
     try:
         yield from _soundfile_blocks(audio, sample_rate, block_seconds)
@@ -121,20 +121,21 @@ def _pyav_blocks(audio, name: str, sample_rate: int, block_seconds: float) -> It
         if not streams:
             raise InputError(f"{name}: has no audio track")
         stream = streams[0]
-        # FFmpeg mixes down and resamples, into float32 mono at the model's rate: one pass, its own filter.
-        resampler = av.AudioResampler(format="fltp", layout="mono", rate=sample_rate)
+        # FFmpeg resamples (float32 planes at the model's rate); the channels are averaged here, as for the
+        # files soundfile reads: FFmpeg's own downmix to mono scales two channels by 1/sqrt(2), not 1/2.
+        resampler = av.AudioResampler(format="fltp", rate=sample_rate)
         pending: list[np.ndarray] = []
         size, step = 0, int(block_seconds * sample_rate)
         try:
             for frame in container.decode(stream):
                 for out in resampler.resample(frame):
-                    pending.append(out.to_ndarray()[0])
+                    pending.append(out.to_ndarray().mean(axis=0))
                     size += pending[-1].shape[0]
                 if size >= step:
                     yield np.concatenate(pending).astype(np.float32, copy=False)
                     pending, size = [], 0
             for out in resampler.resample(None):
-                pending.append(out.to_ndarray()[0])
+                pending.append(out.to_ndarray().mean(axis=0))
         except (av.error.FFmpegError, ValueError) as e:
             raise InputError(f"{name}: cannot decode its audio ({_reason(e)})") from None
         if pending:
@@ -164,17 +165,19 @@ class _Resampler:
 
 def _from_array(audio: np.ndarray | torch.Tensor, sample_rate: int, source_rate: int,
                 max_seconds: float | None) -> np.ndarray:
-    array = audio.detach().cpu().float().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
+    array = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
     name = describe(array)
+    if array.ndim not in (1, 2):
+        raise InputError(f"{name}: expected samples [N] or [channels, N]")
+    if not array.size:
+        raise InputError(f"{name}: no audio (zero samples)")
+    if np.issubdtype(array.dtype, np.signedinteger):  # PCM: full scale is 2 ** (bits - 1), as soundfile reads it
+        array = array / float(-np.iinfo(array.dtype).min)
+    elif not np.issubdtype(array.dtype, np.floating):
+        raise InputError(f"{name}: samples must be floats or signed integers, not {array.dtype}")
     if array.ndim == 2:
         array = array.mean(axis=0)
-    if array.ndim != 1:
-        raise InputError(f"{name}: expected samples [N] or [channels, N]")
-    if np.issubdtype(array.dtype, np.integer):
-        array = array / float(np.iinfo(array.dtype).max)
     array = array.astype(np.float32, copy=False)
-    if not len(array):
-        raise InputError(f"{name}: no audio (zero samples)")
     if not np.isfinite(array).all():
         raise InputError(f"{name}: holds NaN or infinite samples")
     if max_seconds is not None and len(array) / source_rate > max_seconds:
@@ -247,7 +250,8 @@ def find_audio(inputs: list[str | os.PathLike]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            out += sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES | VIDEO_SUFFIXES)
+            out += sorted(p for p in path.rglob("*")
+                          if p.suffix.lower() in AUDIO_SUFFIXES | VIDEO_SUFFIXES and p.is_file())
         else:
             out.append(path)
     return out

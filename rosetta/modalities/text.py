@@ -345,3 +345,16 @@ def byte_lm_tokenizer() -> LMTokenizer:
     tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     special = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
     return LMTokenizer(tok, special, CHATML)
+
+
+WHISPER_SPECIALS = ("<|endoftext|>", "<|startoftranscript|>")
+WHISPER_TASKS = ("<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>",
+                 "<|notimestamps|>")
+
+
+def byte_whisper_tokenizer(languages: Sequence[str] = ("en", "de", "fr")) -> LMTokenizer:
+    """Bytes 0-255 and Whisper's special tokens in Whisper's order (end-of-text, start, languages, tasks...,
+    no-timestamps; the timestamps follow it): the tokenizer of Whisper models built untrained."""
+    tok = _bytes_bpe()
+    tok.add_special_tokens([*WHISPER_SPECIALS, *(f"<|{code}|>" for code in languages), *WHISPER_TASKS])
+    return LMTokenizer(tok, {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"})

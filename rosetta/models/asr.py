@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rosetta.errors import RosettaError
-from rosetta.modalities.text import LMTokenizer
+from rosetta.modalities.text import LMTokenizer, byte_whisper_tokenizer
 from rosetta.models.registry import Family
 from rosetta.nn.cache import CacheWindow, KVCache
 from rosetta.nn.decoder import Attention
@@ -77,9 +77,10 @@ PRESETS: dict[str, ASRConfig] = {
     "whisper-medium": _whisper(1024, 24, 16),
     "whisper-large-v3": _whisper(1280, 32, 20, vocab=51866, n_mels=128),
     "whisper-large-v3-turbo": _whisper(1280, 32, 20, vocab=51866, n_mels=128, decoder_layers=4),
-    # Small enough to build and test in a second; a tokenizer the tests build covers its vocabulary.
+    # Small enough to build and test in a second: its byte-level tokenizer (3 languages) and 1501 timestamps.
     "tiny-whisper": ASRConfig(width=64, encoder_layers=2, encoder_heads=4, decoder_layers=2, decoder_heads=4,
-                              mlp_dim=128, audio_context=1500, text_context=128),
+                              mlp_dim=128, vocab_size=256 + 11 + 1501, text_context=128,
+                              alignment_heads=((1, 0), (1, 1)), begin_suppress_tokens=(32, 256)),
 }
 
 PRETRAINED: dict[str, str] = {
@@ -148,7 +149,7 @@ class WhisperModel(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(c.text_context, c.width))
         self.blocks = nn.ModuleList(TextDecoderBlock(c) for _ in range(c.decoder_layers))
         self.norm = nn.LayerNorm(c.width, eps=c.norm_eps)
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer or byte_whisper_tokenizer()
         self._tokens: WhisperTokens | None = None
         self.reset_parameters()
 
@@ -181,8 +182,6 @@ class WhisperModel(nn.Module):
     def tokens(self) -> WhisperTokens:
         """The special tokens of this model's vocabulary."""
         if self._tokens is None:
-            if self.tokenizer is None:
-                raise RosettaError("this Whisper model has no tokenizer (load a checkpoint, or give one)")
             self._tokens = WhisperTokens.of(self.tokenizer, self.config)
         return self._tokens
 

@@ -102,7 +102,7 @@ def add_word_timestamps(model, window, segments, tokens: WhisperTokens) -> None:
     matrix = weights.mean(dim=0)[start - 1 : -1]  # the no-timestamps token, then each text token
     text_index, time_index = dtw(-matrix.double().numpy())
 
-    words, word_tokens = split_words(model.tokenizer, text_tokens, window.recording.language)
+    words, word_tokens = split_words(model.tokenizer, text_tokens, window.language.code)
     boundaries = np.pad(np.cumsum([len(t) for t in word_tokens]), (1, 0))
     jumps = np.pad(np.diff(text_index), (1, 0), constant_values=1).astype(bool)
     jump_times = time_index[jumps] / TOKENS_PER_SECOND

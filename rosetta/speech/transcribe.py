@@ -109,9 +109,34 @@ def transcribe_many(model, audios: Sequence[AudioInput], batch_size: int = 8, va
     return [None if j is None else j.result() for j in jobs]
 
 
+def decode(model, mel: torch.Tensor, prompt: str | None = None, **options) -> WindowResult:
+    """One 30-second window of log-mel features [n_mels, 3000], decoded with the fallback rules: its tokens
+    (text and timestamps), average log-probability, compression ratio, no-speech probability and
+    temperature (as openai/whisper's `decode`). `prompt` is text the window continues."""
+    decoding = DecodingOptions(**options)
+    tokens = model.tokens
+    previous = model.tokenizer.encode(" " + prompt.strip(), add_special_tokens=False) if prompt else []
+    language = decoding.language if tokens.languages else None
+    with torch.inference_mode():
+        ids, sot_index = prompt_tokens(tokens, previous, decoding, language, model.context_length)
+        window = _Window(_Language(language), mel, 0.0, N_FRAMES, ids, sot_index)
+        window.states = model.encode(mel[None])[0]
+        decoder = _Decoder(model, decoding, 1)
+        decoder._detect_languages([window])
+        return decoder._decode([window])[0]
+
+
+@dataclass
+class _Language:
+    """What a recording is spoken in: given, or detected from its first window."""
+
+    code: str | None
+    probability: float | None = None
+
+
 @dataclass
 class _Window:
-    recording: _Recording
+    language: _Language  # the recording's, shared by its windows
     mel: torch.Tensor  # [n_mels, 3000]
     time_offset: float
     size: int  # frames of real audio in the window
@@ -129,8 +154,7 @@ class _Recording:
         self.features = audio_blocks(audio, SAMPLE_RATE, block_seconds=BLOCK_SECONDS)
         self.duration = 0.0
         self.segments: list[Segment] = []
-        self.language = options.language if self.tokens.languages else None
-        self.language_probability: float | None = None
+        self.language = _Language(options.language if self.tokens.languages else None)
         self.all_tokens: list[int] = []
         if options.initial_prompt:
             self.all_tokens = model.tokenizer.encode(" " + options.initial_prompt.strip(), add_special_tokens=False)
@@ -184,9 +208,9 @@ class _Recording:
             previous = self.all_tokens[self.prompt_reset_since :] if self.options.condition_on_previous_text else []
             if self.clips is not None:
                 previous = []  # speech chunks are independent
-            prompt, sot_index = prompt_tokens(self.tokens, previous, self.options, self.language,
+            prompt, sot_index = prompt_tokens(self.tokens, previous, self.options, self.language.code,
                                               self.model.context_length)
-            return _Window(self, mel, self.seek * HOP_LENGTH / SAMPLE_RATE, size, prompt, sot_index)
+            return _Window(self.language, mel, self.seek * HOP_LENGTH / SAMPLE_RATE, size, prompt, sot_index)
         return None
 
     def take(self, window: _Window, result: WindowResult) -> float:
@@ -248,7 +272,7 @@ class _Recording:
         return segments, seek
 
     def result(self) -> Transcription:
-        return Transcription(self.segments, self.language, self.language_probability, round(self.duration, 3))
+        return Transcription(self.segments, self.language.code, self.language.probability, round(self.duration, 3))
 
 
 class _Decoder:
@@ -276,20 +300,20 @@ class _Decoder:
                     active.remove(r)
                     bar.update(max(0.0, round(r.duration, 1) - bar.n) if len(active) == 0 else 0)
                 else:
-                    windows.append(w)
+                    windows.append((r, w))
                 if len(windows) == self.batch_size:
                     break
             if not windows:
                 continue
-            states = self.model.encode(torch.stack([w.mel for w in windows]))
-            for w, s in zip(windows, states):
+            states = self.model.encode(torch.stack([w.mel for _, w in windows]))
+            for (_, w), s in zip(windows, states):
                 w.states = s
-            self._detect_languages(windows)
-            for w, result in zip(windows, self._decode(windows)):
-                bar.update(w.recording.take(w, result))
+            self._detect_languages([w for _, w in windows])
+            for (recording, w), result in zip(windows, self._decode([w for _, w in windows])):
+                bar.update(recording.take(w, result))
 
     def _detect_languages(self, windows: list[_Window]) -> None:
-        pending = [w for w in windows if self.tokens.languages and w.recording.language is None]
+        pending = [w for w in windows if self.tokens.languages and w.language.code is None]
         if not pending:
             return
         ids = torch.full((len(pending), 1), self.tokens.sot)
@@ -298,9 +322,9 @@ class _Decoder:
         probs = logits[:, [self.tokens.languages[c] for c in codes]].softmax(dim=-1)
         for w, p in zip(pending, probs):
             best = int(p.argmax())
-            w.recording.language, w.recording.language_probability = codes[best], round(float(p[best]), 4)
+            w.language.code, w.language.probability = codes[best], round(float(p[best]), 4)
             w.prompt, w.sot_index = prompt_tokens(self.tokens, w.prompt[1 : w.sot_index] if w.sot_index else [],
-                                                  self.options, w.recording.language, self.model.context_length)
+                                                  self.options, w.language.code, self.model.context_length)
 
     def _decode(self, windows: list[_Window]) -> list[WindowResult]:
         """Each window decoded, falling back to higher temperatures where the text is repetitive or unlikely."""
