@@ -275,7 +275,7 @@ def test_a_schema_that_does_not_compile_is_a_clear_error(lm):
 def test_the_threaded_decode_product_equals_the_plain_one():
     import torch.nn.functional as F
 
-    from rosetta.nn.decoder import fast_linear
+    from rosetta.nn.linear import fast_linear
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -29,6 +29,7 @@ from rosetta.modalities.text import LMTokenizer, byte_whisper_tokenizer
 from rosetta.models.registry import Family
 from rosetta.nn.cache import CacheWindow, KVCache
 from rosetta.nn.decoder import Attention
+from rosetta.nn.linear import fast_linear
 from rosetta.nn.transformer import MLP, CrossAttention, Transformer
 
 
@@ -219,7 +220,7 @@ class WhisperModel(nn.Module):
             x = block(x, window, layer, scores)
         if last_only:
             x = x[:, -1]
-        return F.linear(self.norm(x), self.embed.weight)
+        return fast_linear(self.norm(x), self.embed.weight)
 
     def decoder_logits(self, ids: torch.Tensor, states: torch.Tensor,
                        scores: list[torch.Tensor] | None = None) -> torch.Tensor:

@@ -24,7 +24,8 @@ from rosetta.generation.sampling import SamplingParams
 from rosetta.modalities.text import LMTokenizer, byte_lm_tokenizer
 from rosetta.models.registry import Family
 from rosetta.nn.cache import CacheWindow, KVCache, attention_mask
-from rosetta.nn.decoder import DecoderBlock, Linear, RMSNorm, RopeScaling, RotaryEmbedding, fast_linear
+from rosetta.nn.decoder import DecoderBlock, RMSNorm, RopeScaling, RotaryEmbedding
+from rosetta.nn.linear import Linear, fast_linear
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from rosetta.nn.linear import Linear
+
 
 class QuickGELU(nn.Module):
     """The sigmoid approximation of GELU that OpenAI's CLIP was trained with."""
@@ -33,9 +35,9 @@ def activation(name: str) -> nn.Module:
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, act: str):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.act = activation(act)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -57,8 +59,8 @@ class SelfAttention(nn.Module):
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.out = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.out = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         q, k, v = (_split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
@@ -72,9 +74,9 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.out = nn.Linear(dim, dim)
+        self.q = Linear(dim, dim)
+        self.kv = Linear(dim, 2 * dim)
+        self.out = Linear(dim, dim)
 
     def forward(self, queries: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.attend(queries, *self.keys_values(x))
