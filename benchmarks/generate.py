@@ -1,10 +1,12 @@
 """Text generation speed: Rosetta vs transformers' `generate()` on the same random-weights model with
 SmolLM2-135M's shape, one process.
 
-    python benchmarks/generate.py [--prompt 128] [--new 128] [--batches 1 8] [--dtypes fp32 bf16]
+    python benchmarks/generate.py [--prompt 128] [--new 128] [--batches 1 8] [--dtypes fp32 bf16 int8]
 
 Both sides get the same 128-token prompts and generate 128 tokens with end-of-sequence ignored, greedy, at
-batch 1 and batch 8, in fp32 and bf16. For each it prints the time to first token (a one-token generation:
+batch 1 and batch 8, in fp32 and bf16; Rosetta also with int8 linear layers (`dtype="int8"`, fbgemm;
+transformers has no fast int8 path on a CPU without AMX/VNNI, where torchao's int8 product is 50x slower
+than fp32). For each it prints the time to first token (a one-token generation:
 the prefill), the decode speed (tokens after the first, per second), and the memory bandwidth the decode
 reaches (the weights' bytes, read once per step, times steps per second) beside this machine's copy
 bandwidth, which bounds it. Then, per batch size, each side's fastest path against the other's, and
@@ -24,7 +26,7 @@ import rosetta
 from rosetta.generation.tasks import complete
 from rosetta.models.io import cpu_has_fast_bf16, cpuinfo, resolve_dtype
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
 def copy_bandwidth() -> float:
@@ -71,7 +73,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (default: 128)")
     parser.add_argument("--new", type=int, default=128, help="tokens generated (default: 128)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     args = parser.parse_args()
 
     threads = torch.get_num_threads()
@@ -90,6 +92,7 @@ def main() -> None:
 
         byte_lm_tokenizer().save(Path(directory))  # a tokenizer to load with; the prompts are ids
         ours = rosetta.load(directory)
+        quantised = rosetta.load(directory, dtype="int8") if "int8" in args.dtypes else None
     params = sum(p.numel() for p in ours.parameters())
     print(f"model: SmolLM2-135M's shape, {params / 1e6:.1f}M parameters, random weights; prompt {args.prompt} "
           f"tokens, {args.new} new tokens, end-of-sequence ignored, greedy\n")
@@ -99,8 +102,8 @@ def main() -> None:
                                  min_new_tokens=n, do_sample=False)
         return out[:, prompts.shape[1]:].tolist()
 
-    def mine(prompts: torch.Tensor, n: int) -> list[list[int]]:
-        return [c.tokens for c in complete(ours, prompts.tolist(), n, ignore_eos=True)]
+    def mine(prompts: torch.Tensor, n: int, model=ours) -> list[list[int]]:
+        return [c.tokens for c in complete(model, prompts.tolist(), n, ignore_eos=True)]
 
     generator = torch.Generator().manual_seed(1)
     print(f"{'':22} {'batch':>5} {'first token s':>14} {'decode tok/s':>13} {'GB/s':>6} {'of copy':>8}")
@@ -110,13 +113,16 @@ def main() -> None:
         prompts = torch.randint(3, 49152, (batch, args.prompt), generator=generator)
         for dtype_name in args.dtypes:
             dtype = DTYPES[dtype_name]
-            reference.to(dtype)
-            ours.to(dtype)
+            sides = [("rosetta", lambda p, n: mine(p, n, quantised))]
+            if dtype != torch.int8:
+                reference.to(dtype)
+                ours.to(dtype)
+                sides = [("transformers", theirs), ("rosetta", mine)]
             tokens = {}
-            for side, generate in (("transformers", theirs), ("rosetta", mine)):
+            for side, generate in sides:
                 with torch.inference_mode():
                     first, rate, tokens[side] = measure(generate, prompts, args.new)
-                weight_bytes = params * torch.finfo(dtype).bits // 8
+                weight_bytes = params * (1 if dtype == torch.int8 else torch.finfo(dtype).bits // 8)
                 achieved = weight_bytes * rate / batch
                 print(f"{side + ' ' + dtype_name:22} {batch:>5} {first:>14.3f} {rate:>13.1f} "
                       f"{achieved / 1e9:>6.1f} {achieved / bandwidth:>7.0%}", flush=True)

@@ -28,8 +28,9 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True, purpose: s
     g.add_argument("--random-init", action="store_true",
                    help="build the preset with random weights instead of loading a checkpoint (no download)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda if available)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16/fp16 where the hardware is fast at it, else fp32 (default: auto)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
+                   help="auto: bf16/fp16 where the hardware is fast at it, else fp32; int8: int8 linear layers "
+                        "on the CPU (default: auto)")
     if batch_size:
         g.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass (default: 32)")
 
@@ -39,15 +40,14 @@ def model_from_args(args: argparse.Namespace):
     of its weights)."""
     import torch
 
-    from rosetta.models.io import resolve_device, resolve_dtype
+    from rosetta.models.io import place
     from rosetta.models.registry import create, load
 
     if getattr(args, "batch_size", 1) < 1:
         raise RosettaError("--batch-size must be at least 1")
     if args.random_init:
         torch.manual_seed(0)  # one preset's random weights are the same in every command: index, search, serve
-        device = resolve_device(args.device)
-        model = create(args.model).to(device=device, dtype=resolve_dtype(args.dtype, device)).eval()
+        model = place(create(args.model), args.device, args.dtype).eval()
     else:
         model = load(args.model, device=args.device, dtype=args.dtype)
     model.name = args.model

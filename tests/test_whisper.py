@@ -297,3 +297,11 @@ def test_language_is_detected_and_the_task_goes_in_the_prompt():
         model.transcribe(noise, language="xx")
     with pytest.raises(rosetta.InputError, match="English-only"):
         rosetta.load(TINY_EN).transcribe(noise, task="translate")
+
+
+def test_int8_transcribes_like_fp32(speech):
+    quantised = rosetta.load(TINY_EN, dtype="int8")
+    exact = rosetta.load(TINY_EN)
+    same = sum(quantised.transcribe(p).text == exact.transcribe(p).text for p in speech[:4])
+    assert same >= 2
+    assert "museum" in quantised.transcribe(speech[7]).text.lower()

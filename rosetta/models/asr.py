@@ -150,6 +150,7 @@ class WhisperModel(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(c.text_context, c.width))
         self.blocks = nn.ModuleList(TextDecoderBlock(c) for _ in range(c.decoder_layers))
         self.norm = nn.LayerNorm(c.width, eps=c.norm_eps)
+        self.int8_head = None  # the tied projection, when the model is quantised (rosetta.nn.quantize)
         self.tokenizer = tokenizer or byte_whisper_tokenizer()
         self._tokens: WhisperTokens | None = None
         self.reset_parameters()
@@ -220,7 +221,11 @@ class WhisperModel(nn.Module):
             x = block(x, window, layer, scores)
         if last_only:
             x = x[:, -1]
-        return fast_linear(self.norm(x), self.embed.weight)
+        x = self.norm(x)
+        return self.int8_head(x) if self.int8_head is not None else fast_linear(x, self.embed.weight)
+
+    def tied_output_weight(self) -> torch.Tensor:
+        return self.embed.weight
 
     def decoder_logits(self, ids: torch.Tensor, states: torch.Tensor,
                        scores: list[torch.Tensor] | None = None) -> torch.Tensor:

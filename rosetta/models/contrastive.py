@@ -78,7 +78,7 @@ class ContrastiveModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.text_proj.weight.dtype
+        return self.text.token_embed.weight.dtype  # an embedding: it keeps its dtype when the linears are int8
 
     # Tensors in, features out: what training and export use.
 

@@ -37,6 +37,18 @@ def cpuinfo(field: str) -> str:
     return line.split(":", 1)[-1].strip()
 
 
+def place(model, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
+    """`model` on `device` in `dtype`; "int8" quantises its linear layers for the CPU (rosetta.nn.quantize)."""
+    device = resolve_device(device)
+    if dtype == "int8":
+        if device.type != "cpu":
+            raise RosettaError("dtype int8 is a CPU path (fbgemm); on a GPU use bf16 or fp16")
+        from rosetta.nn.quantize import quantize
+
+        return quantize(model.to("cpu"))
+    return model.to(device=device, dtype=resolve_dtype(dtype, device))
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """`"auto"` is the fast path: bf16 (fp16 on older GPUs) on CUDA, bf16 on CPUs with native bf16, else fp32."""
     if isinstance(dtype, torch.dtype):
@@ -48,7 +60,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
     if dtype not in _DTYPES:
-        raise RosettaError(f"unknown dtype {dtype!r} (expected auto, fp32, bf16 or fp16)")
+        raise RosettaError(f"unknown dtype {dtype!r} (expected auto, fp32, bf16, fp16 or int8)")
     return _DTYPES[dtype]
 
 

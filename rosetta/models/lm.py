@@ -124,6 +124,7 @@ class CausalLM(nn.Module):
         )
         self.norm = RMSNorm(c.width, c.norm_eps)
         self.lm_head = None if c.tie_embeddings else Linear(c.width, c.vocab_size, bias=False)
+        self.int8_head = None  # the tied projection, when the model is quantised (rosetta.nn.quantize)
         self.rope = RotaryEmbedding(c.head_size, c.rope_theta, c.rope_scaling)
         self.tokenizer = tokenizer or byte_lm_tokenizer()
         self._grammars = None
@@ -176,7 +177,13 @@ class CausalLM(nn.Module):
         if last_only:
             x = x[:, -1]
         x = self.norm(x)
-        return fast_linear(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)
+        if self.int8_head is not None:
+            return self.int8_head(x)
+        return fast_linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+
+    def tied_output_weight(self) -> torch.Tensor | None:
+        """The embedding, when the logits reuse it (for int8 quantisation, which needs its own copy)."""
+        return self.embed.weight if self.lm_head is None else None
 
     def _uncached(self, batch: int, length: int, attention_mask: torch.Tensor | None):
         device = self.device

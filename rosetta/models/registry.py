@@ -87,10 +87,9 @@ def load(name_or_path: str | Path, device: str | torch.device | None = None, dty
     """
     from rosetta.convert.mapping import to_ours
     from rosetta.hub import resolve
-    from rosetta.models.io import read_weights, resolve_device, resolve_dtype
+    from rosetta.models.io import place, read_weights
 
     directory = resolve(name_or_path)
-    device = resolve_device(device)
     fam, converter = identify(directory)
     if converter is None:
         config = fam.config_class.from_dict(_config_json(directory)["model"])
@@ -106,7 +105,7 @@ def load(name_or_path: str | Path, device: str | torch.device | None = None, dty
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise RosettaError(f"{directory}: weights do not fit the config ({str(e).splitlines()[1].strip()})") from None
-    return model.to(device=device, dtype=resolve_dtype(dtype, device)).eval()
+    return place(model, device, dtype).eval()
 
 
 def identify(directory: Path) -> tuple[Family, ModuleType | None]:
@@ -156,6 +155,9 @@ def save(model, directory: Path, format: str = FORMAT) -> Path:
     fam = next((f for f in families() if isinstance(model, f.model_class)), None)
     if fam is None:
         raise RosettaError(f"{type(model).__name__} is not a model of a registered family")
+    if getattr(model, "quantized", False):
+        raise RosettaError("an int8 model is not saved: save the model it was made from, and load that with "
+                           "dtype='int8'")
     directory.mkdir(parents=True, exist_ok=True)
     if format == FORMAT:
         state = {name: t.detach().cpu() for name, t in model.state_dict().items()}

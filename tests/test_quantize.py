@@ -1,0 +1,72 @@
+"""int8 inference (`dtype="int8"`): linear layers with int8 weights and dynamically quantised activations,
+for every family, close to fp32 and running the same tasks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rosetta
+from rosetta.nn.quantize import Int8Linear, quantize
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_an_int8_linear_is_close_to_its_fp32_layer():
+    layer = torch.nn.Linear(256, 512)
+    x = torch.randn(3, 7, 256)
+    exact, approx = layer(x), Int8Linear.of(layer)(x)
+    assert approx.shape == exact.shape
+    assert ((approx - exact).norm() / exact.norm()).item() < 0.03
+    assert F.cosine_similarity(approx.flatten(), exact.flatten(), dim=0) > 0.999
+
+
+def test_a_quantised_language_model_keeps_its_logits_and_its_weights(tmp_path):
+    torch.manual_seed(0)
+    model = rosetta.create("tiny-lm").eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 256, (2, 30))
+    with torch.no_grad():
+        exact = model(ids)
+        quantize(model)
+        approx = model(ids)
+    assert F.cosine_similarity(approx.flatten(), exact.flatten(), dim=0) > 0.99
+    assert all(isinstance(m, Int8Linear) for m in (model.blocks[0].attn.qkv, model.blocks[0].mlp.down, model.lm_head))
+    kept = model.state_dict()  # embeddings and norms stay; the packed int8 products are not state
+    assert kept.keys() < state.keys() and all(torch.equal(kept[k], state[k]) for k in kept)
+    with pytest.raises(rosetta.RosettaError, match="int8 model is not saved"):
+        model.save_pretrained(tmp_path)
+    assert isinstance(model.generate("hello", 8), str)
+
+
+def test_tied_output_projections_are_quantised_too():
+    from rosetta.models.lm import LMConfig
+
+    model = quantize(rosetta.create(LMConfig(vocab_size=300, width=64, layers=1, heads=4, kv_heads=2, mlp_dim=64,
+                                             tie_embeddings=True)).eval())
+    assert isinstance(model.int8_head, Int8Linear) and model.lm_head is None
+    assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 300)
+
+
+def test_int8_embeddings_stay_within_cosine_0_99_of_fp32():
+    torch.manual_seed(0)
+    model = rosetta.create("tiny").eval()
+    pixels = torch.rand(4, 3, 32, 32)
+    exact_images, exact_texts = model.embed_images(pixels), model.embed_texts(["a dog", "a red square"])
+    quantize(model)
+    assert (F.cosine_similarity(model.embed_images(pixels), exact_images) > 0.99).all()
+    assert (F.cosine_similarity(model.embed_texts(["a dog", "a red square"]), exact_texts) > 0.99).all()
+
+
+def test_load_and_the_cli_take_int8(tmp_path):
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    rosetta.create("tiny-lm").save_pretrained(tmp_path / "lm")
+    model = rosetta.load(tmp_path / "lm", dtype="int8")
+    assert isinstance(model.blocks[0].attn.qkv, Int8Linear)
+    out = subprocess.run([sys.executable, "-m", "rosetta", "generate", "--model", str(tmp_path / "lm"), "--dtype",
+                          "int8", "hi", "--max-new-tokens", "4"], capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr
