@@ -3,8 +3,8 @@
     python benchmarks/embed.py [--batch-size 32] [--repeats 5]
 
 Prints images/s and texts/s for open_clip fp32, Rosetta fp32, and Rosetta's fast path
-(`dtype="auto"`: bf16 where the hardware multiplies bf16 natively, else fp32), the ratios, and
-the cosine similarity between fast-path and fp32 embeddings.
+(`dtype="auto"`: bf16 where the hardware multiplies bf16 natively, else int8), the paths auto did not
+pick, the ratios, and the cosine similarity between fast-path and fp32 embeddings.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import rosetta
-from rosetta.models.io import cpu_has_fast_bf16, resolve_dtype
+from rosetta.models.io import cpu_has_fast_bf16, place
 
 
 def throughputs(contenders: dict[str, tuple], repeats: int) -> dict[str, float]:
@@ -49,10 +49,10 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peer = open_clip.create_model("ViT-B-32-quickgelu").to(device).eval()
     ours = rosetta.create("vit-b-32").to(device).eval()
-    fast_dtype = resolve_dtype("auto", device)
-    fast = rosetta.create("vit-b-32").to(device).eval()
+    fast = rosetta.create("vit-b-32").eval()
     fast.load_state_dict(ours.state_dict())
-    fast.to(fast_dtype)
+    fast = place(fast, device, "auto")
+    fast_dtype = "int8" if getattr(fast, "quantized", False) else str(fast.dtype).removeprefix("torch.")
 
     images = torch.randn(args.batch_size, 3, 224, 224, device=device)
     ids = ours.tokenize(["a photo of a dog on the beach"] * args.batch_size).to(device)
@@ -64,20 +64,24 @@ def main() -> None:
     image_contenders = {
         "open_clip fp32": (peer.encode_image, images),
         "rosetta fp32": (ours.encode_image, images),
-        f"rosetta fast ({fast_dtype})": (fast.encode_image, images),
+        f"rosetta auto ({fast_dtype})": (fast.encode_image, images),
     }
-    if fast_dtype != torch.bfloat16:  # show what bf16 costs or gains here, even when auto does not pick it
-        slow = rosetta.create("vit-b-32").to(device).eval()
-        slow.load_state_dict(ours.state_dict())
-        slow.to(torch.bfloat16)
-        image_contenders["rosetta bf16 (forced)"] = (slow.encode_image, images)
+    text_contenders = {
+        "open_clip fp32": (peer.encode_text, peer_ids),
+        "rosetta fp32": (ours.encode_text, ids),
+        f"rosetta auto ({fast_dtype})": (fast.encode_text, ids),
+    }
+    for other in ("bf16", "int8"):  # what the paths auto did not pick cost or gain here
+        if other == fast_dtype or (other == "int8" and device.type != "cpu"):
+            continue
+        twin = rosetta.create("vit-b-32").eval()
+        twin.load_state_dict(ours.state_dict())
+        twin = place(twin, device, other)
+        image_contenders[f"rosetta {other} (forced)"] = (twin.encode_image, images)
+        text_contenders[f"rosetta {other} (forced)"] = (twin.encode_text, ids)
     rows = {
         "images/s": throughputs(image_contenders, args.repeats),
-        "texts/s": throughputs({
-            "open_clip fp32": (peer.encode_text, peer_ids),
-            "rosetta fp32": (ours.encode_text, ids),
-            f"rosetta fast ({fast_dtype})": (fast.encode_text, ids),
-        }, args.repeats),
+        "texts/s": throughputs(text_contenders, args.repeats),
     }
     for unit, results in rows.items():
         base = results["open_clip fp32"]
@@ -88,7 +92,7 @@ def main() -> None:
     with torch.inference_mode():
         cos_image = F.cosine_similarity(fast.encode_image(images).float(), ours.encode_image(images), dim=-1)
         cos_text = F.cosine_similarity(fast.encode_text(ids).float(), ours.encode_text(ids), dim=-1)
-    print(f"cosine(fast, fp32): images min {cos_image.min():.5f}, texts min {cos_text.min():.5f}")
+    print(f"cosine(auto, fp32): images min {cos_image.min():.5f}, texts min {cos_text.min():.5f}")
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True, purpose: s
                    help="build the preset with random weights instead of loading a checkpoint (no download)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda if available)")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
-                   help="auto: bf16/fp16 where the hardware is fast at it, else fp32; int8: int8 linear layers "
-                        "on the CPU (default: auto)")
+                   help="auto: bf16/fp16 where the hardware is fast at it; elsewhere int8 for embedding models, "
+                        "fp32 for the others; int8: int8 linear layers on the CPU (default: auto)")
     if batch_size:
         g.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass (default: 32)")
 
@@ -137,7 +137,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 # Modules that add their subcommands with `register(subparsers)`; each imports heavy things lazily.
 COMMAND_MODULES: list[str] = ["rosetta.generation.commands", "rosetta.speech.commands", "rosetta.eval.commands",
                               "rosetta.train.commands", "rosetta.serve.commands", "rosetta.store.commands",
-                              "rosetta.data.commands"]
+                              "rosetta.data.commands", "rosetta.vlm.commands"]
 
 
 def build_parser() -> argparse.ArgumentParser:

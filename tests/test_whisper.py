@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -305,3 +306,54 @@ def test_int8_transcribes_like_fp32(speech):
     same = sum(quantised.transcribe(p).text == exact.transcribe(p).text for p in speech[:4])
     assert same >= 2
     assert "museum" in quantised.transcribe(speech[7]).text.lower()
+
+
+_LONG_RUN = """
+import json, resource, sys
+import rosetta
+model = rosetta.load(sys.argv[1])
+model.transcribe(sys.argv[2])  # warm: the allocator and the kernels
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result = model.transcribe(sys.argv[3], temperatures=(0.0,))
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_kib": after - before, "duration": result.duration,
+                  "segments": [[s.start, s.text] for s in result.segments]}))
+"""
+
+
+@pytest.mark.slow
+def test_three_hours_transcribe_in_bounded_memory_with_true_timestamps(tiny_en, speech, tmp_path):
+    """A 3-hour recording (silence around sentences near its start, middle and end) is read and featurised block
+    by block: peak memory does not grow with the length (40 minutes and 3 hours peak alike, where the whole
+    3-hour waveform alone is 0.69 GB in fp32), and the sentences come back at their times in the recording."""
+    import soundfile
+
+    def write(path: Path, seconds: int, at: dict[int, Path]) -> Path:
+        with soundfile.SoundFile(path, "w", samplerate=16000, channels=1, format="FLAC") as f:
+            t = 0
+            for start, clip in sorted(at.items()):
+                f.write(np.zeros((start - t) * 16000, np.float32))
+                audio = load_audio(clip)
+                f.write(audio)
+                t = start + len(audio) // 16000
+                f.write(np.zeros(16000 - len(audio) % 16000, np.float32))
+                t += 1
+            for _ in range(t, seconds, 600):  # the rest, ten minutes at a time
+                f.write(np.zeros(min(600, seconds - _) * 16000, np.float32))
+        return path
+
+    short = write(tmp_path / "short.flac", 40 * 60, {10: speech[0], 38 * 60: speech[7]})
+    long = write(tmp_path / "long.flac", 3 * 3600, {10: speech[0], 6000: speech[4], 3 * 3600 - 60: speech[7]})
+    runs = []
+    for path in (short, long):
+        done = subprocess.run([sys.executable, "-c", _LONG_RUN, str(TINY_EN), str(speech[1]), str(path)],
+                              capture_output=True, text=True, timeout=1500)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(json.loads(done.stdout.splitlines()[-1]))
+    (short_run, long_run) = runs
+    assert abs(long_run["duration"] - 3 * 3600) < 1
+    assert long_run["peak_kib"] < 1.25 * short_run["peak_kib"] + 64 * 1024
+    found = {word: start for start, text in long_run["segments"] for word in ("sunny", "birds", "museum")
+             if word in text.lower()}
+    assert found.keys() == {"sunny", "birds", "museum"}, long_run["segments"]
+    assert 9 <= found["sunny"] <= 12 and 5999 <= found["birds"] <= 6002 and 10739 <= found["museum"] <= 10742

@@ -77,16 +77,9 @@ def read_config(directory: Path) -> ContrastiveConfig:
     if kind not in ("clip", "siglip"):
         raise RosettaError(f"{directory}: transformers model type {kind!r} is not a CLIP or SigLIP model")
     siglip = kind == "siglip"
-    v, t = hf.get("vision_config", {}), hf.get("text_config", {})
+    vision = vision_config(hf.get("vision_config", {}), siglip)
     defaults = _SIGLIP_DEFAULTS if siglip else _CLIP_DEFAULTS
-    v = {**defaults["vision"], **v}
-    t = {**defaults["text"], **t}
-    vision = VisionConfig(
-        image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"],
-        layers=v["num_hidden_layers"], heads=v["num_attention_heads"], mlp_dim=v["intermediate_size"],
-        act=_activation(v["hidden_act"]), norm_eps=v["layer_norm_eps"],
-        class_token=not siglip, pre_norm=not siglip, patch_bias=siglip, pool="map" if siglip else "cls",
-    )
+    t = {**defaults["text"], **hf.get("text_config", {})}
     eos = t.get("eos_token_id")
     text = TextConfig(
         vocab_size=t["vocab_size"], context_length=t["max_position_embeddings"], width=t["hidden_size"],
@@ -100,12 +93,23 @@ def read_config(directory: Path) -> ContrastiveConfig:
     )
     embed_dim = (t.get("projection_size") or t["hidden_size"]) if siglip else hf.get("projection_dim", 512)
     config = ContrastiveConfig(
-        vision=vision, text=text, image=_image_config(directory, siglip), embed_dim=embed_dim,
+        vision=vision, text=text, image=image_config(directory, siglip), embed_dim=embed_dim,
         vision_proj=not siglip, loss="sigmoid" if siglip else "softmax",
         logit_scale_init=math.log(10) if siglip else hf.get("logit_scale_init_value", 2.6592),
         logit_bias_init=-10.0 if siglip else None,
     )
     return config
+
+
+def vision_config(v: dict[str, Any], siglip: bool) -> VisionConfig:
+    """Our config of a transformers CLIPVisionConfig or SiglipVisionConfig (a dict, unset keys at their defaults)."""
+    v = {**(_SIGLIP_DEFAULTS if siglip else _CLIP_DEFAULTS)["vision"], **v}
+    return VisionConfig(
+        image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"],
+        layers=v["num_hidden_layers"], heads=v["num_attention_heads"], mlp_dim=v["intermediate_size"],
+        act=_activation(v["hidden_act"]), norm_eps=v["layer_norm_eps"],
+        class_token=not siglip, pre_norm=not siglip, patch_bias=siglip, pool="map" if siglip else "cls",
+    )
 
 
 _CLIP_DEFAULTS = {
@@ -124,7 +128,7 @@ _SIGLIP_DEFAULTS = {
 }
 
 
-def _image_config(directory: Path, siglip: bool) -> ImageConfig:
+def image_config(directory: Path, siglip: bool) -> ImageConfig:
     path = directory / "preprocessor_config.json"
     p: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     size = p.get("size")
@@ -151,31 +155,38 @@ def _encoder_rules(ours: str, theirs: str, layers: int) -> list[Rule]:
     return rules
 
 
+def vision_rules(vision: VisionConfig, ours: str = "vision", theirs: str = "vision_model") -> list[Rule]:
+    """How our image tower is named in a transformers CLIP or SigLIP vision model."""
+    o, v = ours, theirs
+    out = [rule(f"{o}.patch_embed.weight", f"{v}.embeddings.patch_embedding.weight")]
+    if vision.patch_bias:
+        out.append(rule(f"{o}.patch_embed.bias", f"{v}.embeddings.patch_embedding.bias"))
+    if vision.class_token:
+        out.append(rule(f"{o}.cls_token", f"{v}.embeddings.class_embedding"))
+    out.append(rule(f"{o}.pos_embed", f"{v}.embeddings.position_embedding.weight"))
+    if vision.pre_norm:
+        out += linear(f"{o}.norm_pre", f"{v}.pre_layrnorm")
+    out += _encoder_rules(o, v, vision.layers)
+    out += linear(f"{o}.norm", f"{v}.post_layernorm")
+    if vision.pool == "map":
+        head = f"{v}.head"
+        out += [
+            rule(f"{o}.pool.probe", f"{head}.probe"),
+            rule((f"{o}.pool.attn.q.weight", f"{o}.pool.attn.kv.weight"), f"{head}.attention.in_proj_weight"),
+            rule((f"{o}.pool.attn.q.bias", f"{o}.pool.attn.kv.bias"), f"{head}.attention.in_proj_bias"),
+        ]
+        out += linear(f"{o}.pool.attn.out", f"{head}.attention.out_proj")
+        out += linear(f"{o}.pool.norm", f"{head}.layernorm")
+        out += linear(f"{o}.pool.mlp.fc1", f"{head}.mlp.fc1")
+        out += linear(f"{o}.pool.mlp.fc2", f"{head}.mlp.fc2")
+    return out
+
+
 def rules(config: ContrastiveConfig) -> list[Rule]:
     """How our weights are named in a transformers CLIPModel (class token) or SiglipModel (attention pool)."""
     siglip = config.vision.pool == "map"
-    v, t = "vision_model", "text_model"
-    out = [rule("vision.patch_embed.weight", f"{v}.embeddings.patch_embedding.weight")]
-    if config.vision.patch_bias:
-        out.append(rule("vision.patch_embed.bias", f"{v}.embeddings.patch_embedding.bias"))
-    if config.vision.class_token:
-        out.append(rule("vision.cls_token", f"{v}.embeddings.class_embedding"))
-    out.append(rule("vision.pos_embed", f"{v}.embeddings.position_embedding.weight"))
-    if config.vision.pre_norm:
-        out += linear("vision.norm_pre", f"{v}.pre_layrnorm")
-    out += _encoder_rules("vision", v, config.vision.layers)
-    out += linear("vision.norm", f"{v}.post_layernorm")
-    if siglip:
-        head = f"{v}.head"
-        out += [
-            rule("vision.pool.probe", f"{head}.probe"),
-            rule(("vision.pool.attn.q.weight", "vision.pool.attn.kv.weight"), f"{head}.attention.in_proj_weight"),
-            rule(("vision.pool.attn.q.bias", "vision.pool.attn.kv.bias"), f"{head}.attention.in_proj_bias"),
-        ]
-        out += linear("vision.pool.attn.out", f"{head}.attention.out_proj")
-        out += linear("vision.pool.norm", f"{head}.layernorm")
-        out += linear("vision.pool.mlp.fc1", f"{head}.mlp.fc1")
-        out += linear("vision.pool.mlp.fc2", f"{head}.mlp.fc2")
+    t = "text_model"
+    out = vision_rules(config.vision)
     if config.vision_proj:
         out.append(rule("vision_proj.weight", "visual_projection.weight"))
     out += [
@@ -212,11 +223,19 @@ def export_config(config: ContrastiveConfig, eos_token_id: int, bos_token_id: in
             "hidden_act": to_hf[t.act], "layer_norm_eps": t.norm_eps, "projection_dim": config.embed_dim,
             "eos_token_id": eos_token_id, "bos_token_id": bos_token_id, "pad_token_id": t.pad_token_id,
         },
-        "vision_config": {
-            "image_size": v.image_size, "patch_size": v.patch_size, "hidden_size": v.width,
-            "num_hidden_layers": v.layers, "num_attention_heads": v.heads, "intermediate_size": v.mlp_dim,
-            "hidden_act": to_hf[v.act], "layer_norm_eps": v.norm_eps, "projection_dim": config.embed_dim,
-        },
+        "vision_config": export_vision_config(v) | {"projection_dim": config.embed_dim},
+    }
+
+
+def export_vision_config(v: VisionConfig) -> dict[str, Any]:
+    """A transformers CLIPVisionConfig for an image tower of CLIP's architecture."""
+    if not (v.stem == "patch" and v.class_token and v.pre_norm and not v.patch_bias):
+        raise RosettaError("only image towers of CLIP's architecture can be exported to transformers' CLIP")
+    to_hf = {ours: theirs for theirs, ours in ACTIVATIONS.items() if theirs != "gelu_new"}
+    return {
+        "model_type": "clip_vision_model", "image_size": v.image_size, "patch_size": v.patch_size,
+        "hidden_size": v.width, "num_hidden_layers": v.layers, "num_attention_heads": v.heads,
+        "intermediate_size": v.mlp_dim, "hidden_act": to_hf[v.act], "layer_norm_eps": v.norm_eps,
     }
 
 

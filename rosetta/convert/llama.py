@@ -84,7 +84,11 @@ def _sampling(generation: dict[str, Any]) -> SamplingParams:
 
 
 def read_config(directory: Path) -> LMConfig:
-    hf = _json(directory / "config.json")
+    return lm_config(_json(directory / "config.json"), _json(directory / "generation_config.json"), directory)
+
+
+def lm_config(hf: dict[str, Any], generation: dict[str, Any], directory: Path) -> LMConfig:
+    """Our config of a transformers Llama, Qwen2 or Mistral config (and its generation config)."""
     kind = hf.get("model_type")
     if kind not in MODEL_TYPES:
         raise RosettaError(f"{directory}: model type {kind!r} is not a causal LM Rosetta reads "
@@ -94,7 +98,6 @@ def read_config(directory: Path) -> LMConfig:
                            "(Llama-family models use silu)")
     if kind == "qwen2" and hf.get("use_sliding_window"):
         raise RosettaError(f"{directory}: Qwen2's per-layer sliding window is not supported")
-    generation = _json(directory / "generation_config.json")
     theta, scaling = _rope(hf, directory)
     bias = bool(hf.get("attention_bias", False)) if kind == "llama" else False
     width, heads = hf["hidden_size"], hf["num_attention_heads"]

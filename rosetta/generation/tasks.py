@@ -30,7 +30,7 @@ def request(model, prompt: list[int], max_new_tokens: int = 256, *, temperature:
     if seed is not None and not 0 <= seed < 2**63:
         raise InputError("seed: an integer in [0, 2**63)")
     if len(prompt) >= context:
-        if not truncate:
+        if not truncate or prompt_embeds is not None:
             raise InputError(f"prompt: {len(prompt)} tokens; the model's context window is {context} "
                              "(shorten it, or pass truncate=True to keep its end)")
         prompt = prompt[-max(1, context - max_new_tokens) :]
@@ -49,14 +49,19 @@ def engine(model, slots: int, capacity: int) -> Engine:
 
 @torch.inference_mode()
 def complete(model, prompts: Sequence[list[int]], max_new_tokens: int = 256, *, num_beams: int = 1,
-             length_penalty: float = 1.0, **options: Any) -> list[Completion]:
-    """One completion per prompt (token ids), decoded together."""
-    requests = [request(model, p, max_new_tokens, **options) for p in prompts]
+             length_penalty: float = 1.0, prompt_embeds: Sequence[torch.Tensor | None] | None = None,
+             **options: Any) -> list[Completion]:
+    """One completion per prompt (token ids; with `prompt_embeds`, each prompt's embeddings, images spliced in),
+    decoded together."""
+    embeds = list(prompt_embeds) if prompt_embeds is not None else [None] * len(prompts)
+    requests = [request(model, p, max_new_tokens, prompt_embeds=e, **options) for p, e in zip(prompts, embeds)]
     if num_beams > 1:
         from rosetta.generation.beam import beam_search
 
         if any(not r.sampling.greedy or r.constraint is not None or r.stop for r in requests):
             raise InputError("beam search takes no temperature, stop strings or json_schema")
+        if any(e is not None for e in embeds):
+            raise InputError("beam search decodes text prompts only (no images)")
         return [beam_search(model, r.prompt, num_beams=num_beams, max_new_tokens=r.max_new_tokens,
                             stop_ids=r.stop_ids, length_penalty=length_penalty, processors=_penalty(r),
                             decode=model.tokenizer.decode) for r in requests]

@@ -296,6 +296,8 @@ class LMTokenizer:
             template = {t["name"]: t["template"] for t in template}
         if (directory / "chat_template.jinja").exists():  # where transformers 4.50+ saves it
             template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        elif template is None and (directory / "chat_template.json").exists():  # a processor's (LLaVA's)
+            template = json.loads((directory / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
         return cls(backend, special, template)
 
     def save(self, directory: Path) -> None:

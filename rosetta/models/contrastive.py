@@ -72,6 +72,10 @@ class ContrastiveModel(nn.Module):
         if isinstance(self.vision.patch_embed, ConvStem):
             self.vision.patch_embed.reset_parameters()
 
+    # On CPUs without native bf16, dtype="auto" embeds in int8: twice open_clip's fp32 speed, within cosine 0.99
+    # of fp32, the same zero-shot class (benchmarks/embed.py, benchmarks/int8.py).
+    int8_when_auto = True
+
     @property
     def device(self) -> torch.device:
         return self.logit_scale.device

@@ -78,11 +78,25 @@ class VisionTransformer(nn.Module):
 
     def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised hidden states of every token, [N, T, width]."""
+        return self.norm(self.transformer(self._embed(pixels)))
+
+    def layer_states(self, pixels: torch.Tensor, layer: int) -> torch.Tensor:
+        """Hidden states [N, T, width] after `layer` blocks, unnormalised: transformers' `hidden_states[layer]`
+        (0: the embedded patches; -1: the last block's output; -2, what LLaVA reads: the one before)."""
+        blocks = self.transformer.blocks
+        n = layer if layer >= 0 else len(blocks) + 1 + layer
+        if not 0 <= n <= len(blocks):
+            raise ValueError(f"feature layer {layer}: the tower has {len(blocks)} blocks")
+        x = self._embed(pixels)
+        for block in blocks[:n]:
+            x = block(x)
+        return x
+
+    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], 1, -1), x], dim=1)
-        x = self.norm_pre(x + self.pos_embed)
-        return self.norm(self.transformer(x))
+        return self.norm_pre(x + self.pos_embed)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.tokens(pixels)

@@ -38,8 +38,16 @@ def cpuinfo(field: str) -> str:
 
 
 def place(model, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
-    """`model` on `device` in `dtype`; "int8" quantises its linear layers for the CPU (rosetta.nn.quantize)."""
+    """`model` on `device` in `dtype`; "int8" quantises its linear layers for the CPU (rosetta.nn.quantize).
+
+    `"auto"` is the fastest path that keeps the model's answers: bf16 where the hardware multiplies it natively
+    (CUDA, AMX / AVX512-BF16 CPUs); on other CPUs int8 for a family that says int8 keeps its answers
+    (`int8_when_auto`: the contrastive models, whose int8 embeddings stay within cosine 0.99 of fp32 and give the
+    same zero-shot class, benchmarks/int8.py), else fp32.
+    """
     device = resolve_device(device)
+    if dtype == "auto" and device.type == "cpu" and not cpu_has_fast_bf16() and getattr(model, "int8_when_auto", False):
+        dtype = "int8"
     if dtype == "int8":
         if device.type != "cpu":
             raise RosettaError("dtype int8 is a CPU path (fbgemm); on a GPU use bf16 or fp16")

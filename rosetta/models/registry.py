@@ -32,7 +32,8 @@ from rosetta.files import write_json, write_safetensors
 FORMAT = "rosetta"
 
 # Modules that define a FAMILY. A new family appends its module here.
-FAMILY_MODULES: list[str] = ["rosetta.models.contrastive", "rosetta.models.lm", "rosetta.models.asr"]
+FAMILY_MODULES: list[str] = ["rosetta.models.contrastive", "rosetta.models.lm", "rosetta.models.asr",
+                             "rosetta.models.vlm"]
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from rosetta.serve.common import (
 )
 from rosetta.serve.metrics import Metrics, MetricsMiddleware
 from rosetta.serve.openai import completions
+from rosetta.serve.vision import vision
 
 STATIC = Path(__file__).parent / "static"
 
@@ -260,19 +261,25 @@ chat_page = APIRouter()
 # Routers by what they need of the model (None: nothing), and whether they need the API key when one is set.
 # A new task appends its router here.
 ROUTERS: list[tuple[APIRouter, str | None]] = [
-    (embedding, "embed"), (retrieval, "embed"), (completions, "generate"), (audio, "transcribe"), (monitoring, None),
+    (embedding, "embed"), (retrieval, "embed"), (completions, "generate"), (vision, "see"), (audio, "transcribe"),
+    (monitoring, None),
 ]
 OPEN_ROUTERS: list[tuple[APIRouter, str | None]] = [(system, None), (embedding_page, "embed"), (chat_page, "generate")]
 
 
 def capabilities(model) -> set[str]:
     """What a model can do, as the routers name it: "embed" (images and texts), "generate" (text),
-    "transcribe" (speech)."""
+    "see" (images into text: captions, answers, extraction), "transcribe" (speech)."""
     can = set()
     if callable(getattr(model, "embed_images", None)) and callable(getattr(model, "embed_texts", None)):
         can.add("embed")
-    if callable(getattr(model, "chat_prompt", None)) and callable(getattr(model, "new_cache", None)):
+    from rosetta.serve.generation import text_model
+
+    decoder = text_model(model)
+    if callable(getattr(decoder, "chat_prompt", None)) and callable(getattr(decoder, "new_cache", None)):
         can.add("generate")
+    if callable(getattr(model, "caption", None)) and callable(getattr(model, "prompt_embeds", None)):
+        can.add("see")
     if callable(getattr(model, "transcribe", None)):
         can.add("transcribe")
     return can
@@ -617,9 +624,9 @@ def create_app(model, store=None, settings: Settings | None = None) -> FastAPI:
                                    max_queue=settings.max_queue, metrics=metrics_)
         svc.batched = BatchedModel(model, svc.batcher, svc.cache, settings.model_name, settings.max_pixels, metrics_)
     if "generate" in can:
-        from rosetta.serve.generation import TextGenerator
+        from rosetta.serve.generation import TextGenerator, text_model
 
-        svc.generator = TextGenerator(model, max_batch=settings.max_sequences, max_queue=settings.max_queue,
+        svc.generator = TextGenerator(text_model(model), max_batch=settings.max_sequences, max_queue=settings.max_queue,
                                       metrics=metrics_)
     workers = [w for w in (svc.batcher, svc.generator) if w is not None]
 

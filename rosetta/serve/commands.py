@@ -42,6 +42,9 @@ def register(sub) -> None:
                    help="the most tokens one completion may ask for (language models; default: 4096)")
     p.add_argument("--max-sequences", type=int, default=8,
                    help="sequences a language model decodes together (default: 8)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image URLs named in requests (off by default: a server that fetches any "
+                        "URL it is sent can be turned against its own network)")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds to let in-flight requests finish after SIGTERM/Ctrl-C (default: 30)")
     p.set_defaults(run=cmd_serve)
@@ -64,6 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cors_origins=tuple(args.cors_origin), cache_size=args.cache_size,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_items=args.max_items,
         max_new_tokens=args.max_new_tokens, max_sequences=args.max_sequences,
+        allow_remote_images=args.allow_remote_images,
     )
     sock = _listen(args.host, args.port)  # bound before the model loads: a busy port fails fast
     model = model_from_args(args)

@@ -20,6 +20,11 @@ from rosetta.serve.batching import Overloaded
 from rosetta.serve.metrics import Metrics
 
 
+def text_model(model):
+    """The model the engine decodes with: a vision-language model's language model, else the model itself."""
+    return getattr(model, "language_model", model)
+
+
 class Stream:
     """One sequence as a request handler sees it: its events, in order, and a way to stop it."""
 

@@ -24,7 +24,7 @@ from rosetta.errors import InputError
 from rosetta.generation.constraints import SchemaError
 from rosetta.generation.engine import Completion
 from rosetta.serve.common import ApiError, error_responses, services
-from rosetta.serve.generation import Stream
+from rosetta.serve.generation import Stream, text_model
 
 completions = APIRouter(prefix="/v1", tags=["text generation"])
 
@@ -37,11 +37,21 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageUrl(BaseModel):
+    url: str = Field(description="a data: URL (base64); http(s) only on a server started with --allow-remote-images")
+    detail: str | None = None
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")  # tool_call_id, name, reasoning...: the chat template may read them
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ImagePart] | None = None
     tool_calls: list[dict[str, Any]] | None = None
 
 
@@ -167,14 +177,19 @@ async def list_models(request: Request) -> ModelList:
 @completions.post("/chat/completions", response_model=ChatCompletion, responses=_ERRORS,
                   summary="the assistant's reply to a conversation (OpenAI's chat completions)")
 async def chat_completions(request: Request, body: ChatCompletionRequest):
+    from rosetta.serve.vision import fetcher, sees
+
     svc = services(request)
-    messages = [_plain(m) for m in body.messages]
+    seeing = sees(svc.model)
+    messages = [m.model_dump(exclude_none=True) if seeing else _plain(m) for m in body.messages]
     schema = _schema(body.response_format)
     max_tokens = body.max_completion_tokens or body.max_tokens
 
     def prepare() -> list:
-        model = svc.model
-        prompt = model.chat_prompt(messages, tools=body.tools)
+        if seeing:
+            prompt, embeds = svc.model.prompt_embeds(messages, fetcher(svc.settings))
+            return _requests(svc, prompt, body, max_tokens, schema, embeds)
+        prompt = svc.model.chat_prompt(messages, tools=body.tools)
         return _requests(svc, prompt, body, max_tokens, schema)
 
     requests = await _prepared(prepare)
@@ -212,19 +227,20 @@ async def text_completions(request: Request, body: CompletionRequest):
         raise ApiError(413, "too_many_items", f"{len(prompts) * body.n} completions in one request; the limit is "
                                               f"{svc.settings.max_items}")
 
+    decoder = text_model(svc.model)
+
     def prepare() -> list:
-        tokenizer = svc.model.tokenizer
         out = []
         for p in prompts:
-            ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
-            if any(not 0 <= i < svc.model.config.vocab_size for i in ids):
-                raise InputError(f"prompt: token ids must be in [0, {svc.model.config.vocab_size})")
+            ids = decoder.tokenizer.encode(p) if isinstance(p, str) else list(p)
+            if any(not 0 <= i < decoder.config.vocab_size for i in ids):
+                raise InputError(f"prompt: token ids must be in [0, {decoder.config.vocab_size})")
             out += _requests(svc, ids, body, body.max_tokens, None)
         return out
 
     requests = await _prepared(prepare)
     streams = _submit(svc, requests)
-    echoes = [p if isinstance(p, str) else svc.model.tokenizer.decode(p) for p in prompts for _ in range(body.n)]
+    echoes = [p if isinstance(p, str) else decoder.tokenizer.decode(p) for p in prompts for _ in range(body.n)]
     echoes = echoes if body.echo else [""] * len(echoes)
     reply_id, created, name = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), _model_name(request)
     prompt_tokens = sum(len(r.prompt) for r in requests[:: body.n])
@@ -248,9 +264,11 @@ def _model_name(request: Request) -> str:
 
 
 def _plain(message: Message) -> dict[str, Any]:
-    """A message as chat templates read it: text parts joined into one string."""
+    """A message as a text model's chat template reads it: text parts joined into one string."""
     data = message.model_dump(exclude_none=True)
     if isinstance(message.content, list):
+        if any(isinstance(part, ImagePart) for part in message.content):
+            raise ApiError(422, "invalid_request", "image_url: this model does not read images")
         data["content"] = "\n".join(part.text for part in message.content)
     return data
 
@@ -265,8 +283,10 @@ def _schema(response_format: ResponseFormat | None) -> dict[str, Any] | bool | N
     return response_format.json_schema.schema_
 
 
-def _requests(svc, prompt: list[int], body: _Sampling, max_tokens: int | None, schema) -> list:
-    """The engine requests of one prompt (n of them), with the server's limits applied."""
+def _requests(svc, prompt: list[int], body: _Sampling, max_tokens: int | None, schema,
+              embeds=None) -> list:
+    """The engine requests of one prompt (n of them; `embeds`: the prompt's embeddings, images spliced in), with
+    the server's limits applied."""
     from rosetta.generation.tasks import request
 
     if body.presence_penalty or body.frequency_penalty:
@@ -277,7 +297,8 @@ def _requests(svc, prompt: list[int], body: _Sampling, max_tokens: int | None, s
     if len(stop) > 4:
         raise InputError("stop: at most 4 stop strings")
     limit = svc.settings.max_new_tokens
-    context = svc.model.context_length
+    decoder = text_model(svc.model)
+    context = decoder.context_length
     if not prompt:
         raise InputError("prompt: empty (give at least one token)")
     if len(prompt) >= context:
@@ -288,8 +309,8 @@ def _requests(svc, prompt: list[int], body: _Sampling, max_tokens: int | None, s
     max_tokens = max_tokens or min(limit, context - len(prompt))
     options = dict(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
                    repetition_penalty=body.repetition_penalty, stop=stop, json_schema=schema)
-    return [request(svc.model, prompt, max_tokens, seed=None if body.seed is None else body.seed + i,
-                    ignore_eos=body.ignore_eos, **options)
+    return [request(decoder, prompt, max_tokens, seed=None if body.seed is None else body.seed + i,
+                    ignore_eos=body.ignore_eos, prompt_embeds=embeds, **options)
             for i in range(body.n)]
 
 
