@@ -58,14 +58,15 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def measure(generate, prompts: torch.Tensor, new: int) -> tuple[float, float, list[list[int]]]:
-    """(seconds to the first token, decode tokens/s, the generated tokens) of `generate(prompts, n)`."""
+def measure(generate, prompts, new: int, rows: int | None = None) -> tuple[float, float, list[list[int]]]:
+    """(seconds to the first token, decode tokens/s, the generated tokens) of `generate(prompts, n)`, for
+    `rows` sequences (default: the prompts tensor's first dimension)."""
     generate(prompts, 2)  # warm-up: kernel selection, allocator
     first = min(timed(lambda: generate(prompts, 1)) for _ in range(2))
     start = time.perf_counter()
     tokens = generate(prompts, new)
     total = time.perf_counter() - start
-    return first, prompts.shape[0] * (new - 1) / max(total - first, 1e-9), tokens
+    return first, (rows or prompts.shape[0]) * (new - 1) / max(total - first, 1e-9), tokens
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import rosetta
 from rosetta.convert import open_clip as oc
 from rosetta.convert.mapping import to_ours
 from rosetta.models.io import cpu_has_fast_bf16
-from rosetta.train.flops import peak_flops, train_flops
+from rosetta.train.flops import describe_peak, peak_flops, train_flops
 from rosetta.train.losses import clip_loss
 
 
@@ -138,7 +138,8 @@ def main() -> None:
           f"vs open_clip fp32: x{ours_fast / peer_fp32:.2f}")
     peak = peak_flops(torch.device("cpu"), fast or torch.float32)
     mfu = train_flops(config) * ours_fast / peak
-    print(f"\nRosetta MFU (fast path): {mfu:.1%} of this CPU's {peak / 1e9:.0f} GFLOP/s peak")
+    print(f"\nRosetta MFU (fast path): {mfu:.1%} of this CPU's {peak / 1e9:.0f} GFLOP/s peak "
+          f"({describe_peak(torch.device('cpu'), fast or torch.float32)})")
 
 
 if __name__ == "__main__":

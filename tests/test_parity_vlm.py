@@ -185,3 +185,107 @@ def test_rosetta_format_round_trip(llava, tmp_path):
     again = rosetta.load(tmp_path / "ours")
     photo = _photo("astronaut")
     assert again.ask(photo, "Colour?", max_new_tokens=8) == ours.ask(photo, "Colour?", max_new_tokens=8)
+
+
+# SmolVLM (Idefics3's architecture): a SigLIP tower, pixel shuffle, image tiles.
+
+SMOL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
+                 "<global-img>", *(f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4))]
+SMOL_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'] is string %}"
+    "{{': ' + message['content']}}{% else %}{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}"
+    "{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def smolvlm(tmp_path_factory):
+    """A tiny random SmolVLM (SigLIP-style tower on 32 px tiles of 8 px patches, pixel shuffle by 2: 4 tokens a
+    tile; images cut into tiles up to 96 px, so at most 3 x 3 tiles and the whole image), saved by transformers
+    with its processor: (directory, model, processor)."""
+    pytest.importorskip("num2words")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=SMOL_SPECIALS,
+                                                        show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>",
+                                                     eos_token="<end_of_utterance>", pad_token="<|endoftext|>")
+    vision = transformers.SmolVLMVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=2, image_size=32, patch_size=8)
+    text = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=1024, tie_word_embeddings=False,
+                                    bos_token_id=tok.token_to_id("<|im_start|>"),
+                                    eos_token_id=tok.token_to_id("<end_of_utterance>"),
+                                    pad_token_id=tok.token_to_id("<|endoftext|>"))
+    config = transformers.SmolVLMConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), scale_factor=2,
+                                        image_token_id=tok.token_to_id("<image>"))
+    torch.manual_seed(0)
+    model = transformers.SmolVLMForConditionalGeneration(config).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    image_processor = transformers.SmolVLMImageProcessorPil(size={"longest_edge": 96},
+                                                            max_image_size={"longest_edge": 32})
+    processor = transformers.SmolVLMProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                              video_processor=transformers.SmolVLMVideoProcessor(), image_seq_len=4,
+                                              chat_template=SMOL_TEMPLATE)
+    directory = tmp_path_factory.mktemp("smolvlm")
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory, model, processor
+
+
+@pytest.mark.parametrize("name", list(PHOTOS))
+def test_smolvlm_tiles_and_prompt_equal_the_processors(smolvlm, name):
+    directory, _, processor = smolvlm
+    ours = rosetta.load(directory)
+    photo = _photo(name)
+    inputs = _theirs(processor, [photo], "What is it?")
+    ids, tiles = ours.prompt([user(photo, "What is it?")])
+    assert ids == inputs["input_ids"][0].tolist()
+    from rosetta.modalities.image import preprocess
+
+    pixels = torch.stack([preprocess(tile, 32, ours.config.image) for tile in tiles])
+    theirs = inputs["pixel_values"][0]
+    assert pixels.shape == theirs.shape and (pixels - theirs).abs().max() < 1e-5
+    assert len(tiles) > 1  # upscaled to 96 px: tiles and the whole image
+
+
+def test_smolvlm_logits_and_greedy_generation_match(smolvlm):
+    directory, theirs, processor = smolvlm
+    ours = rosetta.load(directory)
+    assert ours.config.image_tokens == 4 and ours.config.tiling.longest_edge == 96
+    photos = [_photo("rocket"), _photo("portrait")]
+    inputs = _theirs(processor, photos, "Compare them.")
+    ids, tiles = ours.prompt([user(photos, "Compare them.")])
+    with torch.no_grad():
+        expected = theirs(**inputs).logits
+        got = ours(torch.tensor([ids]), torch.stack([
+            __import__("rosetta.modalities.image", fromlist=["preprocess"]).preprocess(t, 32, ours.config.image)
+            for t in tiles]))
+    assert (got - expected).abs().max() < ATOL
+    with torch.no_grad():
+        reference = theirs.generate(**inputs, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    reference = reference[0, inputs["input_ids"].shape[1]:].tolist()
+    with torch.inference_mode():
+        prompt, embeds = ours.prompt_embeds([user(photos, "Compare them.")])
+        assert complete(ours.lm, [prompt], 32, prompt_embeds=[embeds], ignore_eos=True)[0].tokens == reference
+
+
+def test_smolvlm_export_loads_in_transformers(smolvlm, tmp_path):
+    directory, theirs, processor = smolvlm
+    rosetta.load(directory).save_pretrained(tmp_path / "hf", format="transformers")
+    back = transformers.SmolVLMForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    inputs = _theirs(processor, [_photo("astronaut")], "Colour?")
+    with torch.no_grad():
+        assert (back(**inputs).logits - theirs(**inputs).logits).abs().max() < ATOL
+    again = rosetta.load(tmp_path / "hf")
+    assert again.prompt([user(_photo("astronaut"), "Colour?")])[0] == inputs["input_ids"][0].tolist()

@@ -70,3 +70,17 @@ def test_load_and_the_cli_take_int8(tmp_path):
     out = subprocess.run([sys.executable, "-m", "rosetta", "generate", "--model", str(tmp_path / "lm"), "--dtype",
                           "int8", "hi", "--max-new-tokens", "4"], capture_output=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_a_vision_language_model_quantises_whole():
+    torch.manual_seed(0)
+    model = rosetta.create("tiny-vlm").eval()
+    ids = torch.tensor([[257] + [259] * 16 + [10, 20, 30]])
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        exact = model(ids, pixels)
+        quantize(model)
+        approx = model(ids, pixels)
+    assert isinstance(model.projector.fc1, Int8Linear) and isinstance(model.vision.transformer.blocks[0].mlp.fc1,
+                                                                      Int8Linear)
+    assert F.cosine_similarity(approx.flatten(), exact.flatten(), dim=0) > 0.99

@@ -98,3 +98,13 @@ def test_two_ranks_match_one_process(kind):
         torch.testing.assert_close(torch.from_numpy(image_grad), 2 * image.grad[rows], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(torch.from_numpy(text_grad), 2 * text.grad[rows], atol=1e-5, rtol=1e-4)
     assert sum(r[4] for r in results) / 2 == pytest.approx(scale.grad.item(), abs=1e-5)
+
+
+def test_the_cpu_peak_is_measured_in_the_dtype_and_says_so():
+    from rosetta.train.flops import describe_peak, peak_flops
+
+    cpu = torch.device("cpu")
+    fp32 = peak_flops(cpu, torch.float32)
+    assert fp32 > 1e9 and peak_flops(cpu, torch.float32) == fp32  # measured once, then remembered
+    assert "measured" in describe_peak(cpu, torch.float32) and "float32" in describe_peak(cpu, torch.float32)
+    assert peak_flops(cpu, torch.bfloat16) != fp32  # its own dtype's figure, not fp32's relabelled

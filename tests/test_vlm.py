@@ -242,3 +242,14 @@ def test_a_bad_schema_is_one_line(model_dir, images, tmp_path, schema, reason):
 def test_a_model_that_does_not_see_is_refused(images):
     done = _rosetta("caption", "--model", "tiny-lm", "--random-init", str(images[0]))
     assert done.returncode == 2 and "does not read images" in done.stderr
+
+
+def test_an_8_megapixel_photo_costs_a_bounded_number_of_tiles():
+    from rosetta.models.vlm import Tiling, split_into_tiles
+
+    tiles, rows, cols = split_into_tiles(Image.new("RGB", (3264, 2448), (9, 9, 9)), Tiling(longest_edge=2048, tile=512))
+    assert (rows, cols) == (3, 4) and len(tiles) == 13 and all(t.size == (512, 512) for t in tiles)
+    tiles, rows, cols = split_into_tiles(Image.new("RGB", (200, 3000)), Tiling(longest_edge=1024, tile=512))
+    assert (rows, cols) == (2, 1) and len(tiles) == 3  # a strip: as many tiles as its length needs, no more
+    smol = rosetta.create("smolvlm-256m").config
+    assert smol.image_tokens == 64 and (rows * cols + 1) * smol.image_tokens < smol.text.context_length

@@ -128,9 +128,18 @@ _SIGLIP_DEFAULTS = {
 }
 
 
-def image_config(directory: Path, siglip: bool) -> ImageConfig:
+def preprocessor_settings(directory: Path) -> dict[str, Any]:
+    """The image processor's settings: preprocessor_config.json, or (transformers 5, which saves a processor's
+    parts together) the "image_processor" of processor_config.json; {} without either."""
     path = directory / "preprocessor_config.json"
-    p: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    if path.exists():
+        return json.loads(path.read_text())
+    path = directory / "processor_config.json"
+    return json.loads(path.read_text()).get("image_processor", {}) if path.exists() else {}
+
+
+def image_config(directory: Path, siglip: bool) -> ImageConfig:
+    p = preprocessor_settings(directory)
     size = p.get("size")
     # {"height", "width"} squashes, {"shortest_edge"} resizes and crops; absent or a bare int: the family's default.
     squash = "height" in size if isinstance(size, dict) and size else siglip
@@ -227,13 +236,14 @@ def export_config(config: ContrastiveConfig, eos_token_id: int, bos_token_id: in
     }
 
 
-def export_vision_config(v: VisionConfig) -> dict[str, Any]:
-    """A transformers CLIPVisionConfig for an image tower of CLIP's architecture."""
-    if not (v.stem == "patch" and v.class_token and v.pre_norm and not v.patch_bias):
-        raise RosettaError("only image towers of CLIP's architecture can be exported to transformers' CLIP")
+def export_vision_config(v: VisionConfig, siglip: bool = False) -> dict[str, Any]:
+    """A transformers CLIPVisionConfig (or SiglipVisionConfig) for an image tower of that architecture."""
+    if v.stem != "patch" or (v.class_token, v.pre_norm, v.patch_bias) != (not siglip, not siglip, siglip):
+        raise RosettaError(f"only image towers of {'SigLIP' if siglip else 'CLIP'}'s architecture export to it")
     to_hf = {ours: theirs for theirs, ours in ACTIVATIONS.items() if theirs != "gelu_new"}
     return {
-        "model_type": "clip_vision_model", "image_size": v.image_size, "patch_size": v.patch_size,
+        "model_type": "siglip_vision_model" if siglip else "clip_vision_model",
+        "image_size": v.image_size, "patch_size": v.patch_size,
         "hidden_size": v.width, "num_hidden_layers": v.layers, "num_attention_heads": v.heads,
         "intermediate_size": v.mlp_dim, "hidden_act": to_hf[v.act], "layer_norm_eps": v.norm_eps,
     }

@@ -92,6 +92,10 @@ def rules(config) -> list[Rule]:
     return out
 
 
+def exports(model) -> bool:
+    return model.config.projector == "mlp"
+
+
 def export(model, directory: Path) -> None:
     """Write `model` as a transformers LlavaForConditionalGeneration directory."""
     c = model.config

@@ -64,12 +64,13 @@ def warp(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         threshold = kth.gather(1, index[:, None])
         threshold[torch.tensor([t == 0 for t in top_k], device=device)] = -torch.inf
         logits = logits.masked_fill(logits < threshold, -torch.inf)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
-    if (top_p < 1).any():
+    # 1 - top_p taken in float64: a top_p just below 1 is 1.0 in float32, but still drops the vanishing tail.
+    tail = torch.tensor([1 - p.top_p for p in params], device=device)
+    if (tail > 0).any():
         # Ascending order: drop the tokens whose cumulative probability stays within 1 - top_p, never the last.
         sorted_logits, order = logits.sort(dim=-1)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative <= (1 - top_p)[:, None]
+        drop = cumulative <= tail[:, None]
         drop[:, -1] = False
         logits = logits.masked_fill(drop.scatter(1, order, drop), -torch.inf)
     min_p = torch.tensor([p.min_p for p in params], device=device)

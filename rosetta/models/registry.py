@@ -8,6 +8,7 @@ foreign checkpoints it reads. A converter is a module in `rosetta.convert` with
     recognises(directory, config)    does this directory (and its parsed config.json) hold this format?
     read(directory)                  -> (our config, their tensors, rules mapping them onto ours)
     export(model, directory)         optional: write the model in this format
+    exports(model)                   optional: can `export` write this model (when converters share a format)?
 
 Rosetta's own format is the same for every family: `config.json` naming the family, `model.safetensors`
 with our tensor names, and the tokenizer's files.
@@ -84,12 +85,17 @@ def load(name_or_path: str | Path, device: str | torch.device | None = None, dty
     """Load a model of any family from Rosetta's format or a foreign checkpoint directory the family reads.
 
     `name_or_path` is a local directory, a hub repo id, or a preset name with pretrained weights
-    (e.g. "vit-b-32" loads openai/clip-vit-base-patch32, "smollm2-135m" HuggingFaceTB/SmolLM2-135M-Instruct).
+    (e.g. "vit-b-32" loads openai/clip-vit-base-patch32, "smollm2-135m" HuggingFaceTB/SmolLM2-135M-Instruct),
+    or a hosted vision-language model, "openai:gpt-4o", "anthropic:claude-sonnet-4-5", "gemini:gemini-2.5-flash"
+    (rosetta.hosted; the key from the vendor's usual environment variable).
     """
     from rosetta.convert.mapping import to_ours
+    from rosetta.hosted import is_hosted, load_hosted
     from rosetta.hub import resolve
     from rosetta.models.io import place, read_weights
 
+    if is_hosted(name_or_path):  # "openai:gpt-4o": a vendor's API, not weights
+        return load_hosted(name_or_path)
     directory = resolve(name_or_path)
     fam, converter = identify(directory)
     if converter is None:
@@ -166,9 +172,14 @@ def save(model, directory: Path, format: str = FORMAT) -> Path:
         write_json(directory / "config.json", {"format": FORMAT, "family": fam.name, "model": model.config.to_dict()})
         model.tokenizer.save(directory)
         return directory
-    writers = {c.NAME: c for c in fam.converter_modules() if hasattr(c, "export")}
-    if format not in writers:
+    writers = [c for c in fam.converter_modules() if hasattr(c, "export")]
+    if format not in {c.NAME for c in writers}:
         raise RosettaError(f"unknown format {format!r} for a {fam.name} model (expected "
-                           f"{' or '.join([FORMAT, *writers])})")
-    writers[format].export(model, directory)
+                           f"{' or '.join(dict.fromkeys([FORMAT, *(c.NAME for c in writers)]))})")
+    # Several converters may write one format (LLaVA's and SmolVLM's layouts are both transformers'): the
+    # first that takes this model's architecture writes it.
+    fits = [c for c in writers if c.NAME == format and getattr(c, "exports", lambda m: True)(model)]
+    if not fits:
+        raise RosettaError(f"no {format} layout for this {fam.name} model's architecture")
+    fits[0].export(model, directory)
     return directory

@@ -1,10 +1,15 @@
-"""Vision-language models of the LLaVA family: an image tower, a projector, and a language model that reads
-the image as a run of embeddings in its prompt. The tasks on them — `caption`, `ask`, `chat`, `extract`.
+"""Vision-language models of the LLaVA and Idefics3 / SmolVLM families: an image tower, a projector, and a
+language model that reads the image as a run of embeddings in its prompt. The tasks on them — `caption`,
+`ask`, `chat`, `extract`.
 
-    image ─▶ ViT (CLIP or SigLIP) ─▶ hidden states of an inner layer (LLaVA: the second last), patch tokens
-          ─▶ projector (LLaVA-1.5: linear ─▶ GELU ─▶ linear) ─▶ one embedding per patch
-    conversation ─▶ chat template, <image> where each image goes ─▶ token ids, each <image> expanded to one
-          token per patch ─▶ embeddings, the image tokens' replaced by the image's ─▶ the language model
+    image ─▶ (SmolVLM: resized to whole tiles; the tiles row by row, then the whole image as one more tile)
+          ─▶ ViT (CLIP or SigLIP) ─▶ hidden states of an inner layer (LLaVA: the second last, patch tokens)
+             or of the last, normalised (SmolVLM)
+          ─▶ projector (LLaVA-1.5: linear ─▶ GELU ─▶ linear; SmolVLM: pixel shuffle ─▶ linear)
+          ─▶ image_tokens embeddings per tile
+    conversation ─▶ chat template, <image> where each image goes ─▶ each <image> expanded (LLaVA: one token per
+          patch; SmolVLM: tile markers and tokens per tile) ─▶ token ids ─▶ embeddings, the image tokens'
+          replaced by the images' ─▶ the language model
 
 The language model is the `CausalLM` of rosetta.models.lm, driven by the same generation engine: a prompt
 is handed over as embeddings, and decoding goes on from there as for text.
@@ -16,12 +21,14 @@ import base64
 import binascii
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
 from rosetta.errors import InputError, RosettaError
@@ -59,6 +66,18 @@ CHATML_IMAGES = (
 
 
 @dataclass(frozen=True)
+class Tiling:
+    """How SmolVLM cuts an image: longest side to `longest_edge`, then up to whole `tile`s; the tiles row by row
+    and the whole image squeezed to one tile. `longest_edge` is the per-image budget: at most
+    ceil(longest_edge / tile)² + 1 tiles, so an 8-megapixel photo costs what a 2-megapixel one does."""
+
+    longest_edge: int = 2048
+    tile: int = 512
+    fake_token: str = "<fake_token_around_image>"
+    global_token: str = "<global-img>"
+
+
+@dataclass(frozen=True)
 class VLMConfig:
     vision: VisionConfig = field(default_factory=lambda: VisionConfig(
         image_size=336, patch_size=14, width=1024, layers=24, heads=16, mlp_dim=4096))
@@ -67,12 +86,22 @@ class VLMConfig:
     image_token_id: int = 32000
     feature_layer: int = -2  # transformers' hidden_states index the projector reads (LLaVA: the second last)
     keep_class_token: bool = False  # LLaVA's vision_feature_select_strategy: "default" drops it, "full" keeps it
+    projector: str = "mlp"  # "mlp": LLaVA-1.5's two layers; "shuffle": Idefics3's pixel shuffle and one linear
     projector_act: str = "gelu"
     projector_bias: bool = True
+    scale_factor: int = 1  # pixel shuffle: scale_factor x scale_factor neighbouring patches make one token
+    feature_norm: bool = False  # the tower's final norm on its last states (SmolVLM), not an inner layer's
+    tiling: Tiling | None = None  # None: one square image (LLaVA)
+
+    def __post_init__(self) -> None:
+        if self.projector not in ("mlp", "shuffle"):
+            raise ValueError(f"unknown projector {self.projector!r} (expected mlp or shuffle)")
 
     @property
     def image_tokens(self) -> int:
-        """Prompt tokens one image takes."""
+        """Prompt tokens one image (a tiled model: one tile) takes."""
+        if self.projector == "shuffle":
+            return self.vision.num_patches // self.scale_factor**2
         return self.vision.num_patches + int(self.vision.class_token and self.keep_class_token)
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,8 +111,9 @@ class VLMConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> VLMConfig:
         d = dict(d)
         image = {k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("image", {}).items()}
+        tiling = d.pop("tiling", None)
         return cls(vision=VisionConfig(**d.pop("vision", {})), text=LMConfig.from_dict(d.pop("text", {})),
-                   image=ImageConfig(**image), **d)
+                   image=ImageConfig(**image), tiling=Tiling(**tiling) if tiling else None, **d)
 
 
 def byte_vlm_tokenizer() -> LMTokenizer:
@@ -111,7 +141,22 @@ PRESETS: dict[str, VLMConfig] = {
         image_token_id=259,
     ),
 }
-PRETRAINED: dict[str, str] = {"llava-1.5-7b": "llava-hf/llava-1.5-7b-hf"}
+PRESETS |= {
+    # SmolVLM-256M: SigLIP B/16 at 512 px, pixel shuffle by 4 (64 tokens a tile), SmolLM2-135M; tiles of 512 px.
+    "smolvlm-256m": VLMConfig(
+        vision=VisionConfig(image_size=512, patch_size=16, width=768, layers=12, heads=12, mlp_dim=3072,
+                            act="gelu_tanh", norm_eps=1e-6, class_token=False, pre_norm=False, patch_bias=True,
+                            pool="mean"),
+        text=LMConfig(vocab_size=49280, width=576, layers=30, heads=9, kv_heads=3, mlp_dim=1536,
+                      rope_theta=100000.0, context_length=8192, tie_embeddings=False, bos_token_id=1,
+                      eos_token_ids=(49279,), pad_token_id=2),
+        image=ImageConfig(resize="squash", interpolation="lanczos", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        image_token_id=49190, projector="shuffle", projector_bias=False, scale_factor=4, feature_norm=True,
+        tiling=Tiling(longest_edge=2048, tile=512),
+    ),
+}
+PRETRAINED: dict[str, str] = {"llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
+                              "smolvlm-256m": "HuggingFaceTB/SmolVLM-256M-Instruct"}
 
 
 class Projector(nn.Module):
@@ -127,13 +172,33 @@ class Projector(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class ShuffleProjector(nn.Module):
+    """Idefics3's: each s x s square of patch states concatenated into one token (s² fewer tokens), then one
+    linear layer into the language model's width."""
+
+    def __init__(self, vision_width: int, width: int, scale: int, bias: bool):
+        super().__init__()
+        self.scale = scale
+        self.fc = Linear(vision_width * scale * scale, width, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, tokens, dim = x.shape
+        side, s = math.isqrt(tokens), self.scale
+        x = x.view(n, side // s, s, side // s, s, dim).permute(0, 1, 3, 2, 4, 5)  # [n, row, col, dy, dx, dim]
+        return self.fc(x.reshape(n, tokens // (s * s), s * s * dim))
+
+
 class VisionLanguageModel(nn.Module):
     def __init__(self, config: VLMConfig, tokenizer: LMTokenizer | None = None):
         super().__init__()
         self.config = config
         self.vision = VisionTransformer(config.vision)
-        self.projector = Projector(config.vision.width, config.text.width, config.projector_act,
-                                   config.projector_bias)
+        if config.projector == "shuffle":
+            self.projector = ShuffleProjector(config.vision.width, config.text.width, config.scale_factor,
+                                              config.projector_bias)
+        else:
+            self.projector = Projector(config.vision.width, config.text.width, config.projector_act,
+                                       config.projector_bias)
         self.lm = CausalLM(config.text, tokenizer or byte_vlm_tokenizer())
         with torch.no_grad():
             nn.init.normal_(self.vision.pos_embed, std=0.02)
@@ -164,8 +229,13 @@ class VisionLanguageModel(nn.Module):
     # Tensors in, logits out: what training and parity tests use.
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels [N, 3, H, W] to the embeddings that stand for each image in the prompt, [N, image_tokens, width]."""
-        states = self.vision.layer_states(pixels.to(self.device), self.config.feature_layer)
+        """Pixels [N, 3, H, W] of images (tiles) to the embeddings that stand for each in the prompt,
+        [N, image_tokens, width]."""
+        pixels = pixels.to(self.device)
+        if self.config.feature_norm:
+            states = self.vision.tokens(pixels)
+        else:
+            states = self.vision.layer_states(pixels, self.config.feature_layer)
         if self.vision.cls_token is not None and not self.config.keep_class_token:
             states = states[:, 1:]
         return self.projector(states)
@@ -221,6 +291,10 @@ class VisionLanguageModel(nn.Module):
             raise RosettaError(f"extract: the answer is not complete JSON within {max_new_tokens} tokens "
                                "(raise max_new_tokens)") from None
 
+    def check_schema(self, schema: Mapping[str, Any]) -> None:
+        """SchemaError (an InputError) unless the constrained decoder compiles `schema`."""
+        self.lm.grammars.json_schema(schema)
+
     def reply(self, conversations: Sequence[Sequence[Mapping[str, Any]]], max_new_tokens: int = 256,
               **options: Any) -> list[str]:
         """The assistant's reply to each conversation, decoded together."""
@@ -248,17 +322,40 @@ class VisionLanguageModel(nn.Module):
         parts, images = _with_image_placeholders(messages, fetch)
         template = self.tokenizer.chat_template or LLAVA_TEMPLATE
         text = render(template, parts, special_tokens=self.tokenizer.special_tokens)
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        token = self.config.image_token_id
-        if ids.count(token) != len(images):
-            raise RosettaError(f"the chat template placed {ids.count(token)} image tokens for {len(images)} images")
-        expanded: list[int] = []
-        for i in ids:
-            expanded.extend([token] * self.config.image_tokens if i == token else [i])
-        if len(expanded) >= self.context_length:
-            raise InputError(f"{len(images)} images and the text take {len(expanded)} tokens; the model's context "
+        marker = self.tokenizer.backend.id_to_token(self.config.image_token_id)
+        pieces = text.split(marker)
+        if len(pieces) - 1 != len(images):
+            raise RosettaError(f"the chat template placed {len(pieces) - 1} image tokens for {len(images)} images")
+        tiled = [self.tiles(image) for image in images]
+        expanded = pieces[0] + "".join(self._placeholder(marker, rows, cols) + piece
+                                       for (_, rows, cols), piece in zip(tiled, pieces[1:]))
+        ids = self.tokenizer.encode(expanded, add_special_tokens=False)
+        if len(ids) >= self.context_length:
+            raise InputError(f"{len(images)} images and the text take {len(ids)} tokens; the model's context "
                              f"window is {self.context_length} (fewer images or frames)")
-        return expanded, images
+        return ids, [tile for tiles, _, _ in tiled for tile in tiles]
+
+    def tiles(self, image) -> tuple[list, int, int]:
+        """The pictures the tower sees for one image, and the grid they came from: the image itself (LLaVA;
+        a video frame), or SmolVLM's tiles row by row then the whole image, with (rows, cols)."""
+        tiling = self.config.tiling
+        if tiling is None:
+            return [image], 0, 0
+        if "frame_time" in image.info:  # a video frame: one tile, as SmolVLM takes frames
+            return [image.resize((tiling.tile, tiling.tile), Image.Resampling.LANCZOS)], 0, 0
+        return split_into_tiles(image, tiling)
+
+    def _placeholder(self, marker: str, rows: int, cols: int) -> str:
+        """The text that stands for one image in the prompt."""
+        tiling, run = self.config.tiling, marker * self.config.image_tokens
+        if tiling is None:
+            return run
+        whole = f"{tiling.fake_token}{tiling.global_token}{run}{tiling.fake_token}"
+        if rows == cols == 0:
+            return whole
+        grid = "".join("".join(f"{tiling.fake_token}<row_{r + 1}_col_{c + 1}>{run}" for c in range(cols)) + "\n"
+                       for r in range(rows))
+        return f"{grid}\n{whole}"
 
     def _features(self, images: list) -> torch.Tensor | None:
         if not images:
@@ -278,6 +375,37 @@ class VisionLanguageModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"params={self.num_params() / 1e6:.1f}M, image_tokens={self.config.image_tokens}"
+
+
+def split_into_tiles(image, tiling: Tiling) -> tuple[list, int, int]:
+    """SmolVLM's image splitting, as its processor does it: longest side to `longest_edge` (the other even),
+    then each side up to whole tiles, both with Lanczos on 8-bit pixels; tiles row by row, then the whole
+    image squeezed to one tile. An image that fits in one tile is that tile alone (rows = cols = 0)."""
+    lanczos = Image.Resampling.LANCZOS
+    width, height = image.size
+    if width >= height:
+        width, height = tiling.longest_edge, int(tiling.longest_edge / (width / height))
+        height += height % 2
+    else:
+        height, width = tiling.longest_edge, int(tiling.longest_edge * (width / height))
+        width += width % 2
+    height, width = max(height, 1), max(width, 1)
+    image = image.resize((width, height), lanczos)
+    tile = tiling.tile
+    aspect = width / height
+    if width >= height:
+        width = math.ceil(width / tile) * tile
+        height = math.ceil(int(width / aspect) / tile) * tile
+    else:
+        height = math.ceil(height / tile) * tile
+        width = math.ceil(int(height * aspect) / tile) * tile
+    image = image.resize((width, height), lanczos)
+    if width <= tile and height <= tile:
+        return [image], 0, 0
+    rows, cols = height // tile, width // tile
+    tiles = [image.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows)
+             for c in range(cols)]
+    return [*tiles, image.resize((tile, tile), lanczos)], rows, cols
 
 
 def user(images: ImageInput | Sequence[ImageInput], text: str) -> dict[str, Any]:
@@ -354,5 +482,5 @@ def read_vlm_tokenizer(directory: Path, config: VLMConfig) -> LMTokenizer:
 
 FAMILY = Family(
     name="vlm", config_class=VLMConfig, model_class=VisionLanguageModel, presets=PRESETS, pretrained=PRETRAINED,
-    converters=("llava",), read_tokenizer=read_vlm_tokenizer,
+    converters=("llava", "idefics3"), read_tokenizer=read_vlm_tokenizer,
 )

@@ -63,7 +63,7 @@ class Int8Linear(nn.Module):
 
 def quantize(model: nn.Module) -> nn.Module:
     """Replace, in place, every nn.Linear of `model` (on the CPU) by an Int8Linear; also the output projection
-    of a model whose logits reuse its embedding (its `tied_output_weight()`, into its `int8_head`)."""
+    of a (sub)model whose logits reuse its embedding (its `tied_output_weight()`, into its `int8_head`)."""
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError("int8 is a CPU path (fbgemm); on a GPU use bf16 or fp16")
     model.float()
@@ -71,8 +71,9 @@ def quantize(model: nn.Module) -> nn.Module:
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, child_name, Int8Linear.of(child))
-    tied = getattr(model, "tied_output_weight", lambda: None)()
-    if tied is not None:
-        model.int8_head = Int8Linear(tied)
+    for module in model.modules():  # the model, or its language model (a vision-language model's)
+        tied = module.tied_output_weight() if callable(getattr(module, "tied_output_weight", None)) else None
+        if tied is not None:
+            module.int8_head = Int8Linear(tied)
     model.quantized = True
     return model

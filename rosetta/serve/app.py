@@ -278,7 +278,7 @@ def capabilities(model) -> set[str]:
     decoder = text_model(model)
     if callable(getattr(decoder, "chat_prompt", None)) and callable(getattr(decoder, "new_cache", None)):
         can.add("generate")
-    if callable(getattr(model, "caption", None)) and callable(getattr(model, "prompt_embeds", None)):
+    if callable(getattr(model, "caption", None)):
         can.add("see")
     if callable(getattr(model, "transcribe", None)):
         can.add("transcribe")

@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from rosetta.errors import InputError
 from rosetta.serve.common import ApiError, Settings, error_responses, services
@@ -63,6 +64,7 @@ class Extraction(BaseModel):
 
 
 def sees(model) -> bool:
+    """Does the model read images itself (a local vision-language model), rather than send them to a vendor?"""
     return callable(getattr(model, "prompt_embeds", None))
 
 
@@ -101,6 +103,8 @@ async def _run(request: Request, body: _ImagesRequest, conversations: list, sche
     if len(body.images) > svc.settings.max_items:
         raise ApiError(413, "too_many_items", f"{len(body.images)} images in one request; the limit is "
                                               f"{svc.settings.max_items}")
+    if not sees(svc.model):
+        return await _hosted(svc, body, conversations, schema)
     fetch = fetcher(svc.settings)
 
     def prepare() -> list:
@@ -116,7 +120,29 @@ async def _run(request: Request, body: _ImagesRequest, conversations: list, sche
     return done, _usage(prompt_tokens, done), svc.settings.model_name or "rosetta"
 
 
-_ERRORS = error_responses(400, 413, 422, 503)
+async def _hosted(svc, body: _ImagesRequest, conversations: list, schema):
+    """A hosted model's answers: its own requests to its vendor (cached, retried), off the event loop."""
+    from rosetta.errors import RosettaError
+    from rosetta.generation.engine import Completion
+
+    if any(i.startswith(("http://", "https://")) for i in body.images):
+        raise ApiError(422, "invalid_request", "image_url: only data: URLs are read (a hosted model is sent the "
+                                               "image itself)")
+    options = {k: v for k, v in (("temperature", body.temperature), ("seed", body.seed)) if v is not None}
+    try:
+        texts, usage = await run_in_threadpool(svc.model.reply_with_usage, conversations, body.max_tokens or 256,
+                                               json_schema=schema, **options)
+    except InputError as e:
+        raise ApiError(422, "invalid_request", str(e)) from None
+    except RosettaError as e:  # the vendor failed, or refused the key
+        raise ApiError(502, "upstream_error", str(e)) from None
+    done = [Completion(text=t, tokens=[], finish_reason="stop", prompt_tokens=0, seconds_to_first_token=None)
+            for t in texts]
+    return done, Usage(prompt_tokens=usage.input_tokens, completion_tokens=usage.output_tokens,
+                       total_tokens=usage.input_tokens + usage.output_tokens), svc.settings.model_name or "rosetta"
+
+
+_ERRORS = error_responses(400, 413, 422, 502, 503)
 
 
 @vision.post("/caption", response_model=Captions, responses=_ERRORS, summary="a caption for each image")

@@ -29,7 +29,7 @@ from rosetta.models.config import PRESETS, ContrastiveConfig, TextConfig
 from rosetta.models.contrastive import ContrastiveModel
 from rosetta.train import checkpoint, distributed
 from rosetta.train.config import TrainConfig
-from rosetta.train.flops import peak_flops, train_flops
+from rosetta.train.flops import describe_peak, peak_flops, train_flops
 from rosetta.train.losses import contrastive_loss
 from rosetta.train.metrics import MetricsLog
 
@@ -169,9 +169,9 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.step = 0
-        compute = _AUTOCAST.get(cfg.precision, torch.float32)
+        self._compute_dtype = _AUTOCAST.get(cfg.precision, torch.float32)
         self.flops_per_sample = train_flops(self.model.config, cfg.lock_image, cfg.lock_text)
-        self.peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else peak_flops(self.device, compute)
+        self.peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else peak_flops(self.device, self._compute_dtype)
 
     # Set-up.
 
@@ -347,6 +347,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(json.dumps(cfg.to_dict(), indent=2))
         log = MetricsLog(self.run_dir, enabled=self.world.is_main, resume_step=self.step if resume else None)
+        if self.world.is_main:
+            source = "--peak-tflops" if cfg.peak_tflops else describe_peak(self.device, self._compute_dtype)
+            print(f"mfu: of a {self.peak / 1e9:.0f} GFLOP/s peak per process ({source})", flush=True)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                    disable=not self.world.is_main, dynamic_ncols=True, mininterval=2.0)
         self.model.train()

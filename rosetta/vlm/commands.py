@@ -163,7 +163,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     question = (args.prompt or EXTRACT_PROMPT).replace("{schema}", json.dumps(schema))
     model = vision_language_model(args)
     try:
-        model.lm.grammars.json_schema(schema)
+        model.check_schema(schema)
     except InputError as e:
         raise RosettaError(f"--schema {path}: {e}") from None
     return _run(model, args, args.inputs, question, lambda p, text: {"path": p, "fields": json.loads(text)},

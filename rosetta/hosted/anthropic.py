@@ -1,0 +1,81 @@
+"""Anthropic's messages API (Claude) through the `anthropic` SDK; ANTHROPIC_API_KEY, ANTHROPIC_BASE_URL.
+
+Structured output is a forced tool call whose input schema is the schema: the tool's input is the answer."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from rosetta.errors import RosettaError
+from rosetta.hosted.base import HostedModel, Image, Reply, Retryable
+from rosetta.hosted.retry_after import retry_after
+
+TOOL = "record_fields"
+
+
+class AnthropicModel(HostedModel):
+    vendor = "anthropic"
+    key_variables = ("ANTHROPIC_API_KEY",)
+
+    def _client(self):
+        import anthropic
+
+        return anthropic.Anthropic(api_key=self.api_key,
+                                   base_url=self.base_url or os.environ.get("ANTHROPIC_BASE_URL"),
+                                   timeout=self.timeout, max_retries=0)
+
+    def _send(self, system, turns, max_tokens, temperature, schema, seed) -> Reply:
+        import anthropic
+
+        options = {}
+        if system:
+            options["system"] = system
+        if temperature is not None:
+            options["temperature"] = temperature
+        if schema is not None:
+            options["tools"] = [{"name": TOOL, "description": "Record the fields read from the image.",
+                                 "input_schema": schema}]
+            options["tool_choice"] = {"type": "tool", "name": TOOL}
+        messages = [{"role": role, "content": [_block(p) for p in parts]} for role, parts in turns]
+        try:
+            response = self.client.messages.create(model=self.model, max_tokens=max_tokens, messages=messages,
+                                                   **options)
+        except anthropic.APIError as e:
+            raise _failure(self.name, e) from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # a body the SDK could not parse
+            raise Retryable(f"a malformed reply ({type(e).__name__})") from None
+        try:
+            # With a schema the answer is the forced tool call's input; a reply in text instead is checked as it is.
+            tool = next((b.input for b in response.content if b.type == "tool_use"), None) if schema else None
+            text = json.dumps(tool) if tool is not None else "".join(
+                b.text for b in response.content if b.type == "text")
+            return Reply(text, response.usage.input_tokens, response.usage.output_tokens)
+        except (AttributeError, TypeError) as e:
+            raise Retryable(f"a malformed reply ({type(e).__name__})") from None
+
+
+def _block(part) -> dict:
+    if isinstance(part, Image):
+        return {"type": "image", "source": {"type": "base64", "media_type": part.media_type, "data": part.base64}}
+    return {"type": "text", "text": part}
+
+
+def _failure(name: str, e) -> Exception:
+    import anthropic
+
+    if isinstance(e, (anthropic.AuthenticationError, anthropic.PermissionDeniedError)):
+        return RosettaError(f"{name}: the API key was refused ({e.status_code}); check ANTHROPIC_API_KEY")
+    if isinstance(e, anthropic.APIStatusError):
+        message = f"{e.status_code} {getattr(e, 'message', '')}".strip()
+        if e.status_code == 429 or e.status_code >= 500:  # 529: overloaded
+            return Retryable(message, retry_after(e.response.headers))
+        return RosettaError(f"{name}: {message}")
+    if isinstance(e, anthropic.APITimeoutError):
+        return Retryable("timed out")
+    if isinstance(e, anthropic.APIConnectionError):
+        return Retryable(f"could not connect ({e})")
+    return Retryable(f"a malformed reply ({e})")
+
+
+MODEL_CLASS = AnthropicModel
