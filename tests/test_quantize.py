@@ -84,3 +84,18 @@ def test_a_vision_language_model_quantises_whole():
     assert isinstance(model.projector.fc1, Int8Linear) and isinstance(model.vision.transformer.blocks[0].mlp.fc1,
                                                                       Int8Linear)
     assert F.cosine_similarity(approx.flatten(), exact.flatten(), dim=0) > 0.99
+
+
+def test_a_rows_int8_product_does_not_depend_on_the_rows_beside_it():
+    """An image's embedding, a sequence's next token: the same alone as in any batch (per-row scales)."""
+    layer = Int8Linear.of(torch.nn.Linear(96, 64))
+    x = torch.randn(300, 96) * torch.logspace(-2, 2, 300)[:, None]  # rows of very different sizes
+    with torch.no_grad():  # 300 rows run oneDNN's kernel, 5 fbgemm's: the same integers, fp32 rounding apart
+        together = layer(x)
+        torch.testing.assert_close(together[:5], layer(x[:5]), rtol=1e-6, atol=0)
+        torch.testing.assert_close(together[299:], layer(x[299:]), rtol=1e-6, atol=0)
+        per_tensor = torch.ops.quantized.linear_dynamic(x, layer._packed, True)[:5]  # what one scale would give
+        assert not torch.allclose(per_tensor + layer._bias, layer(x[:5]), rtol=1e-3)
+    model = quantize(rosetta.create("tiny").eval())
+    pixels = torch.rand(6, 3, 32, 32)
+    assert torch.equal(model.embed_images(pixels)[:2], model.embed_images(pixels[:2]))

@@ -65,10 +65,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "test.jsonl, with OUT/classes.json for zero-shot classification and, for two-shape images, "
                     "a 'negative' caption with the colours swapped. 'speech': sentences spoken by espeak-ng in "
                     "several voices, speeds and pitches (every third over background noise), with their texts, "
-                    "split the same way. The same seed gives the same data.",
+                    "split the same way. 'invoices': invoices and receipts in varied layouts, fonts and sizes, "
+                    "slightly rotated and noisy, with their fields (OUT/test.jsonl) and a JSON Schema "
+                    "(OUT/schema.json). The same seed gives the same data.",
     )
-    p.add_argument("name", choices=["shapes", "speech"], help="the dataset")
-    p.add_argument("--n", type=int, required=True, help="number of images (shapes) or sentences (speech)")
+    p.add_argument("name", choices=["shapes", "speech", "invoices"], help="the dataset")
+    p.add_argument("--n", type=int, required=True, help="number of images (shapes), sentences (speech) or documents")
     p.add_argument("--no-noise", dest="noise", action="store_false", help="speech: no background noise")
     p.add_argument("--out", "-o", required=True, help="folder to write into")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -117,6 +119,12 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_builtin(args: argparse.Namespace) -> int:
+    if args.name == "invoices":
+        from rosetta.data.invoices import make_invoices
+
+        make_invoices(args.out, args.n, seed=args.seed)
+        print(f"wrote {args.n} invoices and receipts, test.jsonl and schema.json to {args.out}", file=sys.stderr)
+        return 0
     if args.name == "speech":
         from rosetta.data.speech import make_speech
 

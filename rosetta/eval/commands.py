@@ -10,11 +10,11 @@ from pathlib import Path
 from rosetta.cli import add_model_args, fail, model_from_args
 from rosetta.errors import RosettaError
 
-TASK_CHOICES = ("zeroshot", "retrieval", "compositionality", "asr", "all")
+TASK_CHOICES = ("zeroshot", "retrieval", "compositionality", "asr", "extract", "all")
 MANIFEST_SUFFIXES = (".jsonl", ".parquet", ".csv", ".tsv")  # looked for in this order
 # What each task needs in a record, for the error when no record has it.
 NEEDS = {"zeroshot": "a label", "retrieval": "a caption (text)", "compositionality": "a hard negative (negative)",
-         "asr": "an audio and its text"}
+         "asr": "an audio and its text", "extract": "an image and its fields"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--templates", default="default",
                    help="zero-shot prompts: 'default' (a photo of a {}.), 'imagenet' (CLIP's 80, ensembled) "
                         "or one prompt with {} for the class name")
+    p.add_argument("--schema", metavar="FILE",
+                   help="extract: the fields' JSON Schema (default: schema.json beside the manifest)")
     p.add_argument("--out", "-o", metavar="JSON", help="also write the results to this JSON file")
     add_model_args(p)
     p.set_defaults(run=cmd_eval)
@@ -78,6 +80,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not records:
         raise RosettaError(f"{manifest}: no records")
     model = model_from_args(args)
+    if args.task == "extract":
+        return _eval_extract(args, model, manifest, records)
     transcribes = callable(getattr(model, "transcribe", None))
     tasks = (("asr",) if transcribes else EMBEDDING_TASKS) if args.task == "all" else (args.task,)
     if ("asr" in tasks) != transcribes:
@@ -100,6 +104,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if Path(args.data).is_dir():
             meta["split"] = args.split
         print(f"wrote {write_results(args.out, results, meta)}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _eval_extract(args: argparse.Namespace, model, manifest: Path, records: list[dict]) -> int:
+    from rosetta.eval import format_table, write_results
+    from rosetta.eval.extract import extraction
+
+    if not callable(getattr(model, "extract", None)):
+        raise RosettaError(f"--task extract: {args.model} does not read documents (a vision-language model, a "
+                           "hosted one, or ocr)")
+    path = Path(args.schema) if args.schema else manifest.parent / "schema.json"
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RosettaError(f"--schema {path}: cannot read a JSON Schema ({e})") from None
+    failures: list[str] = []
+
+    def skip(error: Exception) -> None:
+        fail(str(error))
+        failures.append(str(error))
+
+    results = {"extract": extraction(model, records, schema, on_error=skip)}
+    print(format_table(results), flush=True)
+    if args.out:
+        print(f"wrote {write_results(args.out, results, {'dataset': str(args.data), 'model': args.model})}",
+              file=sys.stderr)
     return 1 if failures else 0
 
 

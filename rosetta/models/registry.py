@@ -87,15 +87,16 @@ def load(name_or_path: str | Path, device: str | torch.device | None = None, dty
     `name_or_path` is a local directory, a hub repo id, or a preset name with pretrained weights
     (e.g. "vit-b-32" loads openai/clip-vit-base-patch32, "smollm2-135m" HuggingFaceTB/SmolLM2-135M-Instruct),
     or a hosted vision-language model, "openai:gpt-4o", "anthropic:claude-sonnet-4-5", "gemini:gemini-2.5-flash"
-    (rosetta.hosted; the key from the vendor's usual environment variable).
+    (rosetta.hosted; the key from the vendor's usual environment variable), or "ocr" (Tesseract, rosetta.vlm.ocr).
     """
     from rosetta.convert.mapping import to_ours
-    from rosetta.hosted import is_hosted, load_hosted
     from rosetta.hub import resolve
     from rosetta.models.io import place, read_weights
+    from rosetta.vlm.backends import backend
 
-    if is_hosted(name_or_path):  # "openai:gpt-4o": a vendor's API, not weights
-        return load_hosted(name_or_path)
+    model = backend(name_or_path)  # "ocr", "openai:gpt-4o": a program or a vendor's API, not weights
+    if model is not None:
+        return model
     directory = resolve(name_or_path)
     fam, converter = identify(directory)
     if converter is None:

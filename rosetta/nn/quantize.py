@@ -39,23 +39,35 @@ class Int8Linear(nn.Module):
         weight = weight.detach().float().cpu()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-8).double()
-        bias = None if bias is None else bias.detach().float().cpu()
+        self._bias = None if bias is None else bias.detach().float().cpu()  # added after the rows are rescaled
         with warnings.catch_warnings():  # torch marks its quantised tensors deprecated; its kernels are what it has
             warnings.simplefilter("ignore", UserWarning)
             q = torch.quantize_per_channel(weight, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
-            self._packed = _prepack(q, bias, "fbgemm")
+            self._packed = _prepack(q, None, "fbgemm")
             # oneDNN's kernels are 10-20% faster than fbgemm's from a few hundred rows on, 2-3x slower below:
             # a second copy of the weights, in its layout, for the large products (prefill, image batches).
-            self._packed_large = _prepack(q, bias, "onednn") if "onednn" in _ENGINES else None
+            self._packed_large = _prepack(q, None, "onednn") if "onednn" in _ENGINES else None
 
     @classmethod
     def of(cls, linear: nn.Linear) -> Int8Linear:
         return cls(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).float()
-        packed = self._packed_large if self._packed_large is not None and len(rows) >= LARGE_ROWS else self._packed
-        return torch.ops.quantized.linear_dynamic(rows, packed, True).view(*x.shape[:-1], self.out_features)
+        rows = x.reshape(-1, self.in_features).float().detach()  # inference only: the int8 product has no gradient
+        n = len(rows)
+        # The kernels quantise their whole input with one scale, so a row's result would depend on the rows beside
+        # it (an image on its batch, a sequence on the others decoding with it). Each row is scaled to a peak of 1
+        # and a last row holding -1 and +1 pins the range: per-row scales, and a product of each row alone.
+        peak = rows.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)
+        scaled = rows.new_empty(n + 1, self.in_features)
+        torch.div(rows, peak, out=scaled[:n])
+        scaled[n].zero_()
+        scaled[n, 0], scaled[n, 1] = 1.0, -1.0
+        packed = self._packed_large if self._packed_large is not None and n >= LARGE_ROWS else self._packed
+        y = torch.ops.quantized.linear_dynamic(scaled, packed, True)[:n].mul_(peak)
+        if self._bias is not None:
+            y.add_(self._bias)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
