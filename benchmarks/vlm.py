@@ -55,6 +55,7 @@ def main() -> None:
     print(f"cpu: {cpuinfo('model name') or '?'} ({isa}), threads: {torch.get_num_threads()}, "
           f"native bf16: {cpu_has_fast_bf16()}")
     reference = llava_shaped()
+    pristine = {k: v.clone() for k, v in reference.state_dict().items()}  # a bf16 round trip rounds the weights
     with tempfile.TemporaryDirectory() as directory:
         reference.save_pretrained(directory)
         from rosetta.modalities.text import byte_lm_tokenizer
@@ -91,6 +92,8 @@ def main() -> None:
             sides = [("rosetta", lambda inputs, n, m=models[name]: mine(inputs, n, m))]
             if name != "int8":
                 reference.to(torch.float32 if name == "fp32" else torch.bfloat16)
+                if name == "fp32":
+                    reference.load_state_dict(pristine)
                 sides.insert(0, ("transformers", theirs))
             tokens = {}
             for side, generate in sides:

@@ -40,6 +40,8 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-8).double()
         self._bias = None if bias is None else bias.detach().float().cpu()  # added after the rows are rescaled
+        self._anchor = torch.zeros(1, self.in_features)
+        self._anchor[0, :2] = torch.tensor([1.0, -1.0])
         with warnings.catch_warnings():  # torch marks its quantised tensors deprecated; its kernels are what it has
             warnings.simplefilter("ignore", UserWarning)
             q = torch.quantize_per_channel(weight, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
@@ -59,10 +61,9 @@ class Int8Linear(nn.Module):
         # it (an image on its batch, a sequence on the others decoding with it). Each row is scaled to a peak of 1
         # and a last row holding -1 and +1 pins the range: per-row scales, and a product of each row alone.
         peak = rows.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)
-        scaled = rows.new_empty(n + 1, self.in_features)
+        scaled = torch.empty(n + 1, self.in_features)
         torch.div(rows, peak, out=scaled[:n])
-        scaled[n].zero_()
-        scaled[n, 0], scaled[n, 1] = 1.0, -1.0
+        scaled[n:].copy_(self._anchor)
         packed = self._packed_large if self._packed_large is not None and n >= LARGE_ROWS else self._packed
         y = torch.ops.quantized.linear_dynamic(scaled, packed, True)[:n].mul_(peak)
         if self._bias is not None:
