@@ -46,7 +46,7 @@ def test_invoices_are_deterministic_and_valid(invoices, tmp_path):
 @needs_tesseract
 def test_ocr_fills_the_schema_from_the_layout(invoices):
     ocr = rosetta.load("ocr")
-    records = list(read_records(invoices / "test.jsonl"))
+    records = list(read_records(invoices / "test.jsonl"))[:3]  # one of each layout (eval below reads all six)
     right = sum(ocr.extract(r["image"], SCHEMA).get(k) == v for r in records for k, v in r["fields"].items())
     assert right / (len(records) * 4) >= 0.9
 

@@ -251,5 +251,5 @@ def test_an_8_megapixel_photo_costs_a_bounded_number_of_tiles():
     assert (rows, cols) == (3, 4) and len(tiles) == 13 and all(t.size == (512, 512) for t in tiles)
     tiles, rows, cols = split_into_tiles(Image.new("RGB", (200, 3000)), Tiling(longest_edge=1024, tile=512))
     assert (rows, cols) == (2, 1) and len(tiles) == 3  # a strip: as many tiles as its length needs, no more
-    smol = rosetta.create("smolvlm-256m").config
+    smol = rosetta.presets()["smolvlm-256m"]
     assert smol.image_tokens == 64 and (rows * cols + 1) * smol.image_tokens < smol.text.context_length
