@@ -99,3 +99,11 @@ def test_a_rows_int8_product_does_not_depend_on_the_rows_beside_it():
     model = quantize(rosetta.create("tiny").eval())
     pixels = torch.rand(6, 3, 32, 32)
     assert torch.equal(model.embed_images(pixels)[:2], model.embed_images(pixels[:2]))
+
+
+def test_int8_generation_batched_equals_each_alone():
+    torch.manual_seed(0)
+    model = quantize(rosetta.create("tiny-lm").eval())
+    prompts = ["hello there", "a much longer prompt than the first one", "x"]
+    together = model.generate(prompts, 24)
+    assert together == [model.generate(p, 24) for p in prompts]
