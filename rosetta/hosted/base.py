@@ -228,6 +228,26 @@ class HostedModel:
         raise NotImplementedError
 
 
+def sdk_failure(name: str, e: Exception, sdk, key_variable: str) -> Exception:
+    """What an error of OpenAI's or Anthropic's SDK means here (both SDKs raise the same classes): a refused key
+    or a client error is the caller's one line; a rate limit, a server error, a timeout or a connection failure
+    is worth another try; anything else the SDK raised on a reply is a malformed reply."""
+    from rosetta.hosted.retry_after import retry_after
+
+    if isinstance(e, (sdk.AuthenticationError, sdk.PermissionDeniedError)):
+        return RosettaError(f"{name}: the API key was refused ({e.status_code}); check {key_variable}")
+    if isinstance(e, sdk.APIStatusError):
+        message = f"{e.status_code} {getattr(e, 'message', '')}".strip()
+        if e.status_code == 429 or e.status_code >= 500:  # Anthropic's 529: overloaded
+            return Retryable(message, retry_after(e.response.headers))
+        return RosettaError(f"{name}: {message}")
+    if isinstance(e, sdk.APITimeoutError):
+        return Retryable("timed out")
+    if isinstance(e, sdk.APIConnectionError):
+        return Retryable(f"could not connect ({e})")
+    return Retryable(f"a malformed reply ({e})")
+
+
 def to_parts(messages: Sequence[Mapping[str, Any]]) -> tuple[str | None, list[tuple[str, list]]]:
     """(the system prompt, [(role, [str | Image, ...]), ...]) of a conversation with OpenAI-style content parts;
     images decoded (a bad one is its InputError), scaled to MAX_SIDE and re-encoded; videos sampled to frames."""

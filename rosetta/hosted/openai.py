@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 
-from rosetta.errors import RosettaError
-from rosetta.hosted.base import HostedModel, Image, Reply, Retryable
-from rosetta.hosted.retry_after import retry_after
+from rosetta.hosted.base import HostedModel, Image, Reply, Retryable, sdk_failure
 
 
 class OpenAIModel(HostedModel):
@@ -32,7 +30,7 @@ class OpenAIModel(HostedModel):
                 model=self.model, messages=messages, max_completion_tokens=max_tokens,
                 **{k: v for k, v in options.items() if v is not None})
         except openai.APIError as e:
-            raise _failure(self.name, e) from None
+            raise sdk_failure(self.name, e, openai, self.key_variables[0]) from None
         except (ValueError, KeyError, TypeError, AttributeError) as e:  # a body the SDK could not parse
             raise Retryable(f"a malformed reply ({type(e).__name__})") from None
         try:
@@ -49,23 +47,6 @@ def _part(part) -> dict:
     if isinstance(part, Image):
         return {"type": "image_url", "image_url": {"url": f"data:{part.media_type};base64,{part.base64}"}}
     return {"type": "text", "text": part}
-
-
-def _failure(name: str, e) -> Exception:
-    import openai
-
-    if isinstance(e, (openai.AuthenticationError, openai.PermissionDeniedError)):
-        return RosettaError(f"{name}: the API key was refused ({e.status_code}); check OPENAI_API_KEY")
-    if isinstance(e, openai.APIStatusError):
-        message = f"{e.status_code} {getattr(e, 'message', '')}".strip()
-        if e.status_code == 429 or e.status_code >= 500:
-            return Retryable(message, retry_after(e.response.headers))
-        return RosettaError(f"{name}: {message}")
-    if isinstance(e, openai.APITimeoutError):
-        return Retryable("timed out")
-    if isinstance(e, openai.APIConnectionError):
-        return Retryable(f"could not connect ({e})")
-    return Retryable(f"a malformed reply ({e})")
 
 
 MODEL_CLASS = OpenAIModel

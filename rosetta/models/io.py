@@ -27,6 +27,15 @@ def cpu_has_fast_bf16() -> bool:
     return bool(set(cpuinfo("flags").split()) & {"avx512_bf16", "amx_bf16"})
 
 
+def cpu_isa() -> str:
+    """The widest matrix instruction set this CPU has, as the benchmarks name it: AMX, AVX512-BF16, AVX512, AVX2."""
+    flags = set(cpuinfo("flags").split())
+    for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"), ("avx2", "AVX2")):
+        if flag in flags:
+            return name
+    return "?"
+
+
 def cpuinfo(field: str) -> str:
     """The value of `field` for the first CPU in /proc/cpuinfo; "" where it is absent or unreadable."""
     try:

@@ -64,12 +64,12 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {"max_new_tokens": args.max_new_tokens, **options}
 
 
-def _visuals(inputs: list[str], failures: list[str]) -> Iterator[tuple[str, list]]:
-    """(path, images) of each input that decodes: an image, or a video's frames; the others are reported."""
-    from rosetta.modalities.image import find_images, load_image
+def _visuals(paths: list, failures: list[str]) -> Iterator[tuple[str, list]]:
+    """(path, images) of each file that decodes: an image, or a video's frames; the others are reported."""
+    from rosetta.modalities.image import load_image
     from rosetta.modalities.video import is_video, sample_frames
 
-    for path in find_images(inputs):
+    for path in paths:
         try:
             yield str(path), sample_frames(path) if is_video(path) else [load_image(path)]
         except InputError as e:
@@ -98,8 +98,8 @@ def _run(model, args: argparse.Namespace, inputs: list[str], question: str | Non
     from rosetta.models.vlm import CAPTION_PROMPT, user
 
     failures: list[str] = []
-    total = len(find_images(inputs))
-    for batch in _batches(_visuals(inputs, failures), args.batch_size, total, "images"):
+    paths = find_images(inputs)
+    for batch in _batches(_visuals(paths, failures), args.batch_size, len(paths), "images"):
         conversations = [[user(images, question or CAPTION_PROMPT)] for _, images in batch]
         try:
             answers = model.reply(conversations, **_options(args), **extra)
@@ -139,7 +139,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from rosetta.models.vlm import user
 
     failures: list[str] = []
-    visuals = list(_visuals(inputs, failures))
+    from rosetta.modalities.image import find_images
+
+    visuals = list(_visuals(find_images(inputs), failures))
     if failures:
         return 1
     model = vision_language_model(args)
