@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 DEFAULT = ("a photo of a {}.",)
+# Sounds and videos are described, not photographed: their labels are compared as they are.
+DEFAULTS = {"image": DEFAULT, "audio": ("{}",), "video": ("{}",)}
 
 # The 80 prompts the CLIP paper ensembled for ImageNet (Radford et al., 2021).
 IMAGENET = (
@@ -33,10 +35,11 @@ IMAGENET = (
 NAMED = {"default": DEFAULT, "imagenet": IMAGENET}
 
 
-def resolve_templates(templates: str | Sequence[str] | None) -> Sequence[str]:
-    """A template set by name ("default", "imagenet"), a single template string, or a list of them."""
+def resolve_templates(templates: str | Sequence[str] | None, modality: str = "image") -> Sequence[str]:
+    """A template set by name ("default", "imagenet"), a single template string, or a list of them; None: the
+    default of the modality classified."""
     if templates is None:
-        return DEFAULT
+        return DEFAULTS.get(modality, DEFAULT)
     if isinstance(templates, str):
         templates = NAMED.get(templates, (templates,))
     templates = list(templates)

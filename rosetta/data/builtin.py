@@ -4,13 +4,15 @@
 captioned in varied sentences. Half the images hold one shape and carry a class label
 ("red circle") for zero-shot classification; the two-shape ones carry a `negative` caption that
 swaps the colours between the shapes ("a red circle and a blue square" -> "a blue circle and a red
-square"), so image-text matching can be scored on attribute binding, as ARO and SugarCrepe do.
+square"), so image-text matching can be scored on attribute binding, as ARO and SugarCrepe do. Spoken
+captions and videos of the same classes are made by `rosetta.data.shapes_media`.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,7 @@ PAIR_CAPTIONS = (
     "two shapes: {x} and {y}",
 )
 _WHERE = (("top left", "top", "top right"), ("left", "centre", "right"), ("bottom left", "bottom", "bottom right"))
+SINGLE_SIDES = (0.3, 0.65)  # a lone shape's side, as fractions of the image's
 _SUPERSAMPLE = 4  # shapes are drawn at 4x and reduced: smooth edges
 
 
@@ -61,6 +64,20 @@ def split_sizes(n: int) -> dict[str, int]:
     """80/10/10: validation and test get a tenth each (rounded down), training the rest."""
     held_out = n // 10
     return {"train": n - 2 * held_out, "val": held_out, "test": held_out}
+
+
+def default_workers(n: int, per_worker: int) -> int:
+    """One process per `per_worker` jobs, up to the CPU count or 8: a pool costs more than a few jobs take."""
+    return min(os.cpu_count() or 1, 8, max(1, n // per_worker))
+
+
+def map_jobs(work: Callable[[Any], Any], jobs: list, workers: int, desc: str, unit: str) -> list:
+    """`work(job)` for every job, in order, over `workers` forked processes (in this one if 1), with a progress bar."""
+    with tqdm(total=len(jobs), desc=desc, unit=unit, disable=None) as progress:
+        if workers > 1:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                return [progress.update() or r for r in pool.imap(work, jobs, chunksize=64)]
+        return [progress.update() or work(job) for job in jobs]
 
 
 def make_shapes(out: str | os.PathLike, n: int, seed: int = 0, image_size: int = 64,
@@ -83,14 +100,7 @@ def make_shapes(out: str | os.PathLike, n: int, seed: int = 0, image_size: int =
     for split in SPLITS:
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         jobs += [(out, seed, image_size, split, i) for i in range(sizes[split])]
-    if workers is None:
-        workers = min(os.cpu_count() or 1, 8, max(1, n // 500))
-    with tqdm(total=n, desc="shapes", unit="image", disable=None) as progress:
-        if workers > 1:
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
-                records = [progress.update() or r for r in pool.imap(_write_sample, jobs, chunksize=64)]
-        else:
-            records = [progress.update() or _write_sample(job) for job in jobs]
+    records = map_jobs(_write_sample, jobs, default_workers(n, 500) if workers is None else workers, "shapes", "image")
     for split in SPLITS:
         write_manifest((r for r in records if r["key"].startswith(f"{split}-")), out / f"{split}.jsonl")
     write_json(out / "classes.json", CLASSES)
@@ -112,7 +122,7 @@ def _sample(rng: np.random.Generator, size: int, label: str | None) -> tuple[Ima
     image = _background(rng, bg, size)
     if label is not None:
         color, shape = label.split(" ")
-        shapes = _place(rng, size, [(shape, color)], 0.3, 0.65)
+        shapes = _place(rng, size, [(shape, color)], *SINGLE_SIDES)
     else:  # two different shapes in two different colours, so swapping the colours changes the caption
         shape_pair = rng.choice(len(SHAPES), 2, replace=False)
         color_pair = rng.choice(len(COLORS), 2, replace=False)
@@ -155,11 +165,23 @@ def _place(rng: np.random.Generator, size: int, kinds: list[tuple[str, str]], lo
 
 
 def _draw(image: Image.Image, spec: dict[str, Any], rng: np.random.Generator) -> None:
+    _paint(image, spec, *_style(spec, rng))
+
+
+def _style(spec: dict[str, Any], rng: np.random.Generator) -> tuple[float, tuple[int, int, int]]:
+    """A random tilt (none for circles) and the shape's colour, jittered a little."""
+    angle = float(rng.uniform(-15, 15)) if spec["shape"] != "circle" else 0.0
+    jitter = rng.integers(-12, 13, 3)
+    color = tuple(int(c) for c in np.clip(np.asarray(COLORS[spec["color"]]) + jitter, 0, 255))
+    return angle, color
+
+
+def _paint(image: Image.Image, spec: dict[str, Any], angle: float, color: tuple[int, int, int]) -> None:
+    """Paint the shape `spec` describes (its centre may fall between pixels) onto `image`, anti-aliased."""
     k = _SUPERSAMPLE
     mask = Image.new("L", (image.width * k, image.height * k), 0)
     draw = ImageDraw.Draw(mask)
     x, y, r = spec["x"] * k, spec["y"] * k, spec["size"] * k / 2
-    angle = float(rng.uniform(-15, 15)) if spec["shape"] != "circle" else 0.0
     if spec["shape"] == "circle":
         draw.ellipse((x - r, y - r, x + r, y + r), fill=255)
     elif spec["shape"] == "square":
@@ -170,8 +192,6 @@ def _draw(image: Image.Image, spec: dict[str, Any], rng: np.random.Generator) ->
         angles = np.deg2rad(angle - 90 + 36 * np.arange(10))
         radii = np.where(np.arange(10) % 2 == 0, r, r * 0.45)
         draw.polygon(list(zip(x + radii * np.cos(angles), y + radii * np.sin(angles))), fill=255)
-    jitter = rng.integers(-12, 13, 3)
-    color = tuple(int(c) for c in np.clip(np.asarray(COLORS[spec["color"]]) + jitter, 0, 255))
     image.paste(color, (0, 0, image.width, image.height), mask.reduce(k))
 
 

@@ -63,18 +63,27 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Make a built-in dataset. 'shapes': PNG images of one or two coloured shapes on varied "
                     "backgrounds with varied captions, split 80/10/10 into OUT/train.jsonl, val.jsonl and "
                     "test.jsonl, with OUT/classes.json for zero-shot classification and, for two-shape images, "
-                    "a 'negative' caption with the colours swapped. 'speech': sentences spoken by espeak-ng in "
+                    "a 'negative' caption with the colours swapped. With --spoken, also captions naming a "
+                    "class, spoken by espeak-ng (16 kHz WAV, OUT/spoken-SPLIT.jsonl), and with --videos, clips "
+                    "of one shape moving left, right, up or down, with captions that say which (H.264 MP4, "
+                    "OUT/videos-SPLIT.jsonl), split the same way. 'speech': sentences spoken by espeak-ng in "
                     "several voices, speeds and pitches (every third over background noise), with their texts, "
                     "split the same way. 'invoices': invoices and receipts in varied layouts, fonts and sizes, "
                     "slightly rotated and noisy, with their fields (OUT/test.jsonl) and a JSON Schema "
                     "(OUT/schema.json). The same seed gives the same data.",
     )
     p.add_argument("name", choices=["shapes", "speech", "invoices"], help="the dataset")
-    p.add_argument("--n", type=int, required=True, help="number of images (shapes), sentences (speech) or documents")
-    p.add_argument("--no-noise", dest="noise", action="store_false", help="speech: no background noise")
+    p.add_argument("--n", type=int, required=True,
+                   help="number of images (shapes; 0 for none with --spoken or --videos), sentences (speech) or "
+                        "documents")
+    p.add_argument("--spoken", type=int, default=0, metavar="N", help="shapes: also make N spoken captions")
+    p.add_argument("--videos", type=int, default=0, metavar="N", help="shapes: also make N videos of moving shapes")
+    p.add_argument("--no-noise", dest="noise", action="store_false",
+                   help="speech and spoken captions: no background noise")
     p.add_argument("--out", "-o", required=True, help="folder to write into")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default: 64)")
+    p.add_argument("--image-size", type=int, default=64,
+                   help="image and video side in pixels (default: 64; even for videos)")
     p.set_defaults(run=cmd_builtin)
 
 
@@ -119,6 +128,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_builtin(args: argparse.Namespace) -> int:
+    if args.name != "shapes" and (args.spoken or args.videos):
+        raise RosettaError(f"--spoken and --videos add to the shapes dataset, not to {args.name}")
     if args.name == "invoices":
         from rosetta.data.invoices import make_invoices
 
@@ -128,11 +139,26 @@ def cmd_builtin(args: argparse.Namespace) -> int:
     if args.name == "speech":
         from rosetta.data.speech import make_speech
 
-        sizes, what = make_speech(args.out, args.n, seed=args.seed, noise=args.noise), "sentences"
+        made = [(make_speech(args.out, args.n, seed=args.seed, noise=args.noise), "sentences")]
     else:
-        from rosetta.data.builtin import make_shapes
-
-        sizes, what = make_shapes(args.out, args.n, seed=args.seed, image_size=args.image_size), "images"
-    print(f"wrote {args.n} {what} ({', '.join(f'{n} {split}' for split, n in sizes.items())}) to {args.out}",
-          file=sys.stderr)
+        made = _make_shapes(args)
+    for sizes, what in made:
+        print(f"wrote {sum(sizes.values())} {what} ({', '.join(f'{n} {split}' for split, n in sizes.items())}) "
+              f"to {args.out}", file=sys.stderr)
     return 0
+
+
+def _make_shapes(args: argparse.Namespace) -> list[tuple[dict[str, int], str]]:
+    """The shapes images, spoken captions and videos asked for, as (split sizes, what they are)."""
+    from rosetta.data.builtin import make_shapes
+    from rosetta.data.shapes_media import make_shape_videos, make_spoken_captions
+
+    made = []
+    if args.n or not (args.spoken or args.videos):  # --n 0 beside --spoken or --videos: those alone
+        made.append((make_shapes(args.out, args.n, seed=args.seed, image_size=args.image_size), "images"))
+    if args.spoken:
+        made.append((make_spoken_captions(args.out, args.spoken, seed=args.seed, noise=args.noise),
+                     "spoken captions"))
+    if args.videos:
+        made.append((make_shape_videos(args.out, args.videos, seed=args.seed, image_size=args.image_size), "videos"))
+    return made

@@ -8,9 +8,9 @@ Same arguments, same sentences and voices (espeak-ng itself is deterministic).
 
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +49,7 @@ def make_speech(out: str | Path, n: int, seed: int = 0, noise: bool = True) -> d
     """Write `n` spoken sentences to `out`, split 80/10/10; every third one over noise when `noise`."""
     if n < 1:
         raise RosettaError(f"--n {n}: need at least 1 sentence")
-    espeak = shutil.which("espeak-ng")
-    if espeak is None:
-        raise RosettaError("the speech dataset is spoken by espeak-ng, which is not installed "
-                           "(apt-get install espeak-ng)")
+    espeak = find_espeak("the speech dataset")
     import soundfile as sf
 
     out = Path(out)
@@ -71,22 +68,41 @@ def make_speech(out: str | Path, n: int, seed: int = 0, noise: bool = True) -> d
     return sizes
 
 
-def _speak(espeak: str, rng: np.random.Generator, noisy: bool) -> dict[str, Any]:
+def find_espeak(what: str) -> str:
+    """The espeak-ng executable, which speaks `what`; a RosettaError saying how to install it if there is none."""
+    espeak = shutil.which("espeak-ng")
+    if espeak is None:
+        raise RosettaError(f"espeak-ng, which speaks {what}, is not installed "
+                           "(apt-get install espeak-ng, or brew install espeak-ng)")
+    return espeak
+
+
+def speak(espeak: str, text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, int]:
+    """`text` spoken by espeak-ng in `voice` at `speed` words a minute and `pitch` (0-99): mono float32 and its rate."""
     import soundfile as sf
 
+    # The WAV comes through a pipe, so its header gives no length; libsndfile reads to the end regardless.
+    wav = subprocess.run([espeak, "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text], check=True,
+                         capture_output=True).stdout
+    samples, rate = sf.read(io.BytesIO(wav), dtype="float32")
+    return samples, rate
+
+
+def over_noise(rng: np.random.Generator, samples: np.ndarray, snr_db: float) -> np.ndarray:
+    """`samples` over white noise `snr_db` decibels below their power, clipped to [-1, 1]."""
+    power = float(np.mean(samples**2)) or 1e-8
+    noise = rng.standard_normal(len(samples)).astype(np.float32) * np.sqrt(power / 10 ** (snr_db / 10))
+    return np.clip(samples + noise, -1, 1)
+
+
+def _speak(espeak: str, rng: np.random.Generator, noisy: bool) -> dict[str, Any]:
     text = sentence(rng)
     voice = VOICES[rng.integers(len(VOICES))]
     speed, pitch = int(rng.integers(130, 190)), int(rng.integers(30, 70))
-    with tempfile.TemporaryDirectory() as tmp:
-        wav = Path(tmp) / "s.wav"
-        subprocess.run([espeak, "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(wav), text], check=True,
-                       capture_output=True)
-        samples, rate = sf.read(wav, dtype="float32")
+    samples, rate = speak(espeak, text, voice, speed, pitch)
     snr = None
     if noisy:  # white noise at 10-20 dB below the speech
         snr = float(rng.uniform(10, 20))
-        power = float(np.mean(samples**2)) or 1e-8
-        samples = samples + rng.standard_normal(len(samples)).astype(np.float32) * np.sqrt(power / 10 ** (snr / 10))
-        samples = np.clip(samples, -1, 1)
+        samples = over_noise(rng, samples, snr)
     return {"text": text, "voice": voice, "speed": speed, "pitch": pitch,
             "snr_db": None if snr is None else round(snr, 1), "samples": samples, "rate": rate}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image
@@ -43,6 +44,42 @@ def frame_times(duration: float, fps: float = FPS, max_frames: int = MAX_FRAMES)
 
 def sample_frames(video: VideoInput, fps: float = FPS, max_frames: int = MAX_FRAMES) -> list[Image.Image]:
     """RGB frames of `video` (a path or the file's bytes) at `fps`, at most `max_frames`."""
+    return [frame for _, frame in timed_frames(video, fps, max_frames)]
+
+
+def timed_frames(video: VideoInput, fps: float = FPS, max_frames: int | None = MAX_FRAMES
+                 ) -> Iterator[tuple[float, Image.Image]]:
+    """(time in seconds, RGB frame) of `video` at `fps`, decoded as they are consumed: a long video is never held
+    whole. `max_frames=None`: every frame at `fps`, however long the video."""
+    import av
+
+    name = describe(video)
+    source = io.BytesIO(video) if isinstance(video, bytes) else str(Path(video))
+    if isinstance(video, (str, os.PathLike)) and not Path(video).is_file():
+        raise InputError(f"{name}: {'is a directory' if Path(video).is_dir() else 'no such file'}")
+    count = 0
+    try:
+        with av.open(source) as container:
+            if not container.streams.video:
+                raise InputError(f"{name}: no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            duration = _duration(container, stream)
+            times = frame_times(duration, fps, max_frames if max_frames is not None else 1 << 62)
+            for timed in _frames_at(container, stream, times):
+                count += 1
+                yield timed
+    except InputError:
+        raise
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise InputError(f"{name}: not a video that decodes ({type(e).__name__}: {e})") from None
+    if not count:
+        raise InputError(f"{name}: a video without frames")
+
+
+def video_duration(video: VideoInput) -> float:
+    """How long a video is, in seconds, as its container says (0 when it does not), without decoding it;
+    InputError if it does not open as a video."""
     import av
 
     name = describe(video)
@@ -51,17 +88,9 @@ def sample_frames(video: VideoInput, fps: float = FPS, max_frames: int = MAX_FRA
         with av.open(source) as container:
             if not container.streams.video:
                 raise InputError(f"{name}: no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            duration = _duration(container, stream)
-            frames = _frames_at(container, stream, frame_times(duration, fps, max_frames))
-    except InputError:
-        raise
+            return _duration(container, container.streams.video[0])
     except (av.FFmpegError, OSError, ValueError) as e:
         raise InputError(f"{name}: not a video that decodes ({type(e).__name__}: {e})") from None
-    if not frames:
-        raise InputError(f"{name}: a video without frames")
-    return frames
 
 
 def _duration(container, stream) -> float:
@@ -72,29 +101,41 @@ def _duration(container, stream) -> float:
     return 0.0  # unknown: the first frame is taken, then frames as they come
 
 
-def _frames_at(container, stream, times: list[float]) -> list[Image.Image]:
-    """The first frame at or after each time (the last frame for times past the end)."""
-    frames: list[Image.Image] = []
-    wanted = iter(times)
-    target = next(wanted)
-    position = taken = 0.0  # where the decoder is, and the time of the last frame taken
-    last = None
-    while target is not None:
-        if target - position > SEEK_GAP and stream.time_base is not None:
+def _frames_at(container, stream, times: list[float]) -> Iterator[tuple[float, Image.Image]]:
+    """(time shown, the frame on screen) at each of `times`: the last frame shown at or before it (the first
+    frame for a time before it, the last frame for times past the end).
+
+    One decoding pass between seeks, read one frame ahead: asked again, a drained decoder would fail.
+    """
+    decoded = container.decode(stream)
+    current = upcoming = image = None
+    for target in times:
+        shown = _time(current)
+        if target - shown > SEEK_GAP and stream.time_base is not None:
             container.seek(int(target / stream.time_base), stream=stream, backward=True, any_frame=False)
-        for frame in container.decode(stream):
-            position = float(frame.time) if frame.time is not None else position
-            last = frame
-            if position + 1e-6 >= target:
+            decoded, current, upcoming = container.decode(stream), None, None
+        while True:
+            frame = upcoming if upcoming is not None else next(decoded, None)
+            upcoming = None
+            if frame is None:  # the end: the last frame stays on screen
                 break
-        else:  # the video ends before the target: its last frame stands for the rest
-            if last is not None and (not frames or position > taken):
-                frames.append(last.to_image())
-            return frames
-        frames.append(last.to_image())
-        taken = position
-        target = next(wanted, None)
-        while target is not None and target <= position + 1e-6:  # several times on one frame: take it once more
-            frames.append(frames[-1])
-            target = next(wanted, None)
-    return frames
+            if current is not None and _time(frame) > target + 1e-6:
+                upcoming = frame
+                break
+            current, image = frame, None
+        if current is None:
+            return
+        if image is None:
+            image = _image(current, _time(current))
+        yield _time(current), image
+
+
+def _time(frame) -> float:
+    return float(frame.time) if frame is not None and frame.time is not None else 0.0
+
+
+def _image(frame, time: float) -> Image.Image:
+    """The frame as a PIL image that says it is one (`info["frame_time"]`): a tiling VLM takes a frame whole."""
+    image = frame.to_image()
+    image.info["frame_time"] = time
+    return image

@@ -54,8 +54,12 @@ class VisionConfig:
 
     @property
     def stem_channels(self) -> tuple[int, ...]:
-        """Output channels of the conv stem's stride-2 convolutions: from a quarter of the width, doubling up to it."""
-        return tuple(min(self.width, (self.width // 4) << i) for i in range(self.patch_size.bit_length() - 1))
+        return stem_channels(self.width, self.patch_size)
+
+
+def stem_channels(width: int, patch_size: int) -> tuple[int, ...]:
+    """Output channels of a conv stem's stride-2 convolutions: from a quarter of the width, doubling up to it."""
+    return tuple(min(width, (width // 4) << i) for i in range(patch_size.bit_length() - 1))
 
 
 @dataclass(frozen=True)
@@ -77,12 +81,65 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
+class AudioConfig:
+    """An audio tower of our own (a ViT over log-mel patches, as AST and ImageBind's audio tower) and how a
+    sound becomes its input: 16 kHz samples, Whisper's log-mel (25 ms windows every 10 ms), cut or padded to
+    `seconds`."""
+
+    seconds: float = 3.0
+    n_mels: int = 64
+    patch_size: int = 16  # square patches of mel bins x frames
+    width: int = 256
+    layers: int = 4
+    heads: int = 4
+    mlp_dim: int = 1024
+    act: str = "gelu"
+    norm_eps: float = 1e-5
+    stem: str = "conv"  # "conv" (3x3 stride-2 convolutions, quicker to learn from little data) or "patch"
+    sample_rate: int = 16_000
+
+    @property
+    def frames(self) -> int:
+        """Log-mel frames the tower reads: `seconds` at Whisper's 10 ms hop, cut to whole patches."""
+        return int(self.seconds * self.sample_rate) // 160 // self.patch_size * self.patch_size
+
+    @property
+    def window_samples(self) -> int:
+        """Samples of one window the tower hears (`seconds` cut to whole patches of frames)."""
+        return self.frames * 160
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.n_mels // self.patch_size, self.frames // self.patch_size
+
+    @property
+    def stem_channels(self) -> tuple[int, ...]:
+        return stem_channels(self.width, self.patch_size)
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    """A video is frames sampled at `fps` (at most `max_frames`), each through the image tower; the frame
+    embeddings are pooled by their mean (`layers=0`) or by a small temporal transformer, which can tell a shape
+    moving left from one moving right as a mean cannot."""
+
+    fps: float = 1.0
+    max_frames: int = 8
+    layers: int = 2  # 0: the mean of the frame embeddings, nothing to train
+    heads: int = 4
+    mlp_ratio: int = 4
+
+
+@dataclass(frozen=True)
 class ContrastiveConfig:
-    """A two-tower image-text model trained with CLIP's softmax loss or SigLIP's sigmoid loss."""
+    """Towers projected into one space: image and text (CLIP's softmax loss or SigLIP's sigmoid loss), and
+    optionally audio and video bound to them (ImageBind's recipe)."""
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
+    audio: AudioConfig | None = None
+    video: VideoConfig | None = None
     embed_dim: int = 512
     vision_proj: bool = True  # SigLIP's vision tower ends in its pooling head, without a projection
     loss: str = "softmax"  # "softmax" (CLIP) or "sigmoid" (SigLIP)
@@ -97,10 +154,13 @@ class ContrastiveConfig:
         d = dict(d)
         image = d.pop("image", {})
         image = {k: tuple(v) if isinstance(v, list) else v for k, v in image.items()}
+        audio, video = d.pop("audio", None), d.pop("video", None)
         return cls(
             vision=VisionConfig(**d.pop("vision", {})),
             text=TextConfig(**d.pop("text", {})),
             image=ImageConfig(**image),
+            audio=AudioConfig(**audio) if audio is not None else None,
+            video=VideoConfig(**video) if video is not None else None,
             **d,
         )
 

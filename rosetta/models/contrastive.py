@@ -9,14 +9,18 @@ from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
 from rosetta.errors import InputError
+from rosetta.modalities.audio import AudioInput, load_audio, log_mel_spectrogram, pad_or_trim
 from rosetta.modalities.image import ImageInput, load_image, preprocess
+from rosetta.modalities.sniff import modality_of
 from rosetta.modalities.text import TextTokenizer, byte_tokenizer, clip_bpe, load_tokenizer_files
-from rosetta.models.config import PRESETS, PRETRAINED, ContrastiveConfig
-from rosetta.models.encoders import ConvStem, TextTransformer, VisionTransformer
+from rosetta.modalities.video import VideoInput, timed_frames
+from rosetta.models.config import PRESETS, PRETRAINED, AudioConfig, ContrastiveConfig, ImageConfig, VideoConfig
+from rosetta.models.encoders import AudioTransformer, ConvStem, TemporalPool, TextTransformer, VisionTransformer
 from rosetta.models.registry import Family
 from rosetta.templates import resolve_templates
 
@@ -47,6 +51,14 @@ class ContrastiveModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.full((1,), float(config.logit_scale_init)))
         bias = config.logit_bias_init
         self.logit_bias = nn.Parameter(torch.full((1,), float(bias))) if bias is not None else None
+        # Towers bound to the image-text space (ImageBind): each learns its own temperature against its anchor.
+        audio = config.audio
+        self.audio = AudioTransformer(audio) if audio else None
+        self.audio_proj = nn.Linear(audio.width, config.embed_dim, bias=False) if audio else None
+        self.video = TemporalPool(config.video, config.embed_dim) if config.video and config.video.layers else None
+        self.bound_logit_scale = nn.ParameterDict({
+            m: nn.Parameter(torch.full((1,), math.log(1 / 0.07))) for m in self.bound_modalities
+        })
         self.tokenizer = tokenizer or TextTokenizer(
             byte_tokenizer(), config.text.context_length, config.text.pad_token_id, config.text.cleaning
         )
@@ -69,8 +81,26 @@ class ContrastiveModel(nn.Module):
         if isinstance(self.vision_proj, nn.Linear):
             nn.init.normal_(self.vision_proj.weight, std=self.config.vision.width**-0.5)
         nn.init.normal_(self.text_proj.weight, std=self.config.text.width**-0.5)
-        if isinstance(self.vision.patch_embed, ConvStem):
-            self.vision.patch_embed.reset_parameters()
+        for stem in (self.vision.patch_embed, self.audio and self.audio.patch_embed):
+            if isinstance(stem, ConvStem):
+                stem.reset_parameters()
+        if self.audio is not None:
+            nn.init.normal_(self.audio.pos_embed, std=0.01)
+            nn.init.normal_(self.audio.cls_token, std=self.config.audio.width**-0.5)
+            nn.init.normal_(self.audio_proj.weight, std=self.config.audio.width**-0.5)
+        if self.video is not None:
+            nn.init.normal_(self.video.pos_embed, std=0.01)
+            nn.init.zeros_(self.video.proj.weight)  # a new video tower starts as the mean of its frames
+
+    @property
+    def bound_modalities(self) -> tuple[str, ...]:
+        """The modalities bound to the image-text space beside image and text: "audio", "video"."""
+        return tuple(m for m, tower in (("audio", self.config.audio), ("video", self.config.video)) if tower)
+
+    @property
+    def video_config(self) -> VideoConfig:
+        """How videos are sampled and pooled; a model without a video tower pools the mean of 1 frame/s."""
+        return self.config.video or VideoConfig(layers=0)
 
     # On CPUs without native bf16, dtype="auto" embeds in int8: twice open_clip's fp32 speed, within cosine 0.99
     # of fp32, the same zero-shot class (benchmarks/embed.py, benchmarks/int8.py).
@@ -94,20 +124,51 @@ class ContrastiveModel(nn.Module):
         """Token ids [N, L] to unnormalised text features [N, D]."""
         return self.text_proj(self.text(ids))
 
-    def forward(
-        self, pixels: torch.Tensor, ids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def encode_audio(self, mel: torch.Tensor) -> torch.Tensor:
+        """Log-mel spectrograms [N, n_mels, frames] to unnormalised audio features [N, D]."""
+        if self.audio is None:
+            raise InputError("this model has no audio tower (bind one with `rosetta train`'s pairings)")
+        return self.audio_proj(self.audio(mel))
+
+    def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frame pixels [N, T, 3, H, W] to unnormalised video features [N, D]: each frame through the image
+        tower, normalised, then pooled over time."""
+        n, t = frames.shape[:2]
+        per_frame = F.normalize(self.encode_image(frames.flatten(0, 1)), dim=-1).view(n, t, -1)
+        return self.video(per_frame) if self.video is not None else per_frame.mean(dim=1)
+
+    def encode(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
+        """The tower of `modality` ("image", "text", "audio" or "video") on its input tensor."""
+        encoders = {"image": self.encode_image, "text": self.encode_text, "audio": self.encode_audio,
+                    "video": self.encode_video}
+        if modality not in encoders:
+            raise InputError(f"unknown modality {modality!r} (expected {', '.join(encoders)})")
+        return encoders[modality](inputs)
+
+    def temperature_of(self, modality: str) -> torch.Tensor:
+        """The log inverse temperature [1] of `modality` against text: a bound tower's own, else image-text's."""
+        return self.bound_logit_scale[modality] if modality in self.bound_logit_scale else self.logit_scale
+
+    def forward(self, pixels: torch.Tensor | None = None, ids: torch.Tensor | None = None,
+                pairs: list[tuple[str, str, torch.Tensor, torch.Tensor]] | None = None):
         """What the contrastive losses take: L2-normalised image and text features, log temperature, bias.
 
-        The scalars come out of forward so that DDP and FSDP see every trained parameter used in it.
+        With `pairs`, [(modality, anchor, its inputs, the anchor's inputs)], what binding takes: per pairing the
+        normalised features of both sides and the modality's log temperature. Everything comes out of forward so
+        that DDP and FSDP see every trained parameter used in it.
         """
+        if pairs is not None:
+            return [(F.normalize(self.encode(modality, a), dim=-1), F.normalize(self.encode(anchor, b), dim=-1),
+                     self.temperature_of(modality)) for modality, anchor, a, b in pairs]
         image = F.normalize(self.encode_image(pixels), dim=-1)
         return image, F.normalize(self.encode_text(ids), dim=-1), self.logit_scale, self.logit_bias
 
-    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        """Image-by-text logits [N, M] from normalised features, with the learned temperature (and bias)."""
-        logits = self.logit_scale.exp().float() * image_features.float() @ text_features.float().T
-        if self.logit_bias is not None:
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor, modality: str = "image"
+               ) -> torch.Tensor:
+        """Image-by-text logits [N, M] from normalised features, with the learned temperature (and bias); for
+        another modality's features, its own temperature."""
+        logits = self.temperature_of(modality).exp().float() * image_features.float() @ text_features.float().T
+        if self.logit_bias is not None and modality not in self.bound_logit_scale:
             logits = logits + self.logit_bias.float()
         return logits
 
@@ -160,30 +221,177 @@ class ContrastiveModel(nn.Module):
         return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
 
     @torch.inference_mode()
-    def classifier(self, labels: Sequence[str], templates: str | Sequence[str] | None = None) -> torch.Tensor:
-        """One embedding per label [L, D], averaged over prompt templates (prompt ensembling)."""
+    def classifier(self, labels: Sequence[str], templates: str | Sequence[str] | None = None,
+                   modality: str = "image") -> torch.Tensor:
+        """One embedding per label [L, D], averaged over prompt templates (prompt ensembling); by default
+        "a photo of a {}." for images, the label itself for sounds and videos."""
         labels = [label.strip() for label in labels]
         if not labels or any(not label for label in labels):
             raise InputError("labels: need at least one non-empty label")
-        prompts = resolve_templates(templates)
+        prompts = resolve_templates(templates, modality)
         texts = [prompt.format(label) for label in labels for prompt in prompts]
         per_prompt = self.embed_texts(texts).view(len(labels), len(prompts), -1)
         return F.normalize(per_prompt.mean(dim=1), dim=-1)
 
     @torch.inference_mode()
     def classify(
-        self, images: torch.Tensor | ImageInput | Sequence[ImageInput], labels: Sequence[str],
-        templates: str | Sequence[str] | None = None, batch_size: int = 32, progress: bool | None = None,
+        self, inputs, labels: Sequence[str], templates: str | Sequence[str] | None = None, batch_size: int = 32,
+        progress: bool | None = None, modality: str | None = None,
     ) -> torch.Tensor:
-        """Zero-shot probabilities [N, L]: softmax over labels for CLIP, per-label sigmoid for SigLIP."""
-        classifier = self.classifier(labels, templates)
-        return self.probabilities(self.embed_images(images, batch_size=batch_size, progress=progress), classifier)
+        """Zero-shot probabilities [N, L] of images, sounds or videos (told apart as `embed` does): softmax over
+        labels for CLIP and bound towers, per-label sigmoid for SigLIP's images."""
+        modality = modality or _modality_of_all(inputs)
+        classifier = self.classifier(labels, templates, modality)
+        embeddings = self.embed(inputs, modality=modality, batch_size=batch_size, progress=progress)
+        return self.probabilities(embeddings, classifier, modality)
 
     @torch.inference_mode()
-    def probabilities(self, image_embeddings: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
-        """Label probabilities from image embeddings and a `classifier()`, as the model's loss defines them."""
-        logits = self.logits(image_embeddings, classifier)
-        return torch.sigmoid(logits) if self.config.loss == "sigmoid" else logits.softmax(dim=-1)
+    def probabilities(self, embeddings: torch.Tensor, classifier: torch.Tensor, modality: str = "image"
+                      ) -> torch.Tensor:
+        """Label probabilities from embeddings and a `classifier()`, as the model's loss defines them."""
+        logits = self.logits(embeddings, classifier, modality)
+        sigmoid = self.config.loss == "sigmoid" and modality not in self.bound_logit_scale
+        return torch.sigmoid(logits) if sigmoid else logits.softmax(dim=-1)
+
+    @torch.inference_mode()
+    def embed(self, inputs, modality: str | None = None, batch_size: int = 32, progress: bool | None = None
+              ) -> torch.Tensor:
+        """L2-normalised embeddings [N, D] of images, sounds or videos, told apart by `modality_of` (a file's
+        suffix or first bytes, an array's shape) unless `modality` says; one modality per call."""
+        modality = modality or _modality_of_all(inputs)
+        if modality == "image":
+            return self.embed_images(inputs, batch_size=batch_size, progress=progress)
+        if modality == "audio":
+            return self.embed_audio(inputs, batch_size=batch_size, progress=progress)
+        if modality == "video":
+            return self.embed_videos(inputs, progress=progress)
+        if modality == "text":
+            return self.embed_texts(inputs, progress=progress)
+        raise InputError(f"unknown modality {modality!r} (expected image, audio, video or text)")
+
+    # Sound and video: what the bound towers hear and see.
+
+    def audio_windows(self, audio: AudioInput) -> tuple[torch.Tensor, list[float]]:
+        """A clip's log-mel windows [W, n_mels, frames] and when each starts (s): `audio_windows`."""
+        return audio_windows(audio, self._audio_config())
+
+    def preprocess_audio(self, clips: Sequence[AudioInput]) -> torch.Tensor:
+        """The first window of each clip, [N, n_mels, frames]: what training feeds the audio tower."""
+        return torch.stack([self.audio_windows(clip)[0][0] for clip in clips])
+
+    @torch.inference_mode()
+    def embed_audio(self, audio: AudioInput | Sequence[AudioInput], batch_size: int = 32,
+                    progress: bool | None = None) -> torch.Tensor:
+        """L2-normalised embeddings [N, D] of sounds given as paths (audio files, or videos' audio tracks),
+        bytes, or 16 kHz waveforms; a clip longer than the tower's window is the mean of its windows."""
+        clips = [audio] if not isinstance(audio, (list, tuple)) else audio
+        out = []
+        for batch in _batches(clips, batch_size, progress, "audio"):
+            windows = [self.audio_windows(clip)[0] for clip in batch]
+            vectors = F.normalize(self.encode_audio(torch.cat(windows).to(self.device, self.dtype)).float(), dim=-1)
+            out += [chunk.mean(dim=0) for chunk in vectors.split([len(w) for w in windows])]
+        return F.normalize(torch.stack(out), dim=-1) if out else self._empty()
+
+    @torch.inference_mode()
+    def embed_audio_segments(self, audio: AudioInput) -> list[tuple[float, float, torch.Tensor]]:
+        """(start s, end s, embedding [D]) of each window of a clip: where in a recording a sound is."""
+        windows, starts = self.audio_windows(audio)
+        vectors = F.normalize(self.encode_audio(windows.to(self.device, self.dtype)).float(), dim=-1)
+        cfg = self._audio_config()
+        length = cfg.window_samples / cfg.sample_rate
+        return [(start, start + length, vector) for start, vector in zip(starts, vectors)]
+
+    @torch.inference_mode()
+    def embed_videos(self, videos: VideoInput | Sequence[VideoInput], progress: bool | None = None) -> torch.Tensor:
+        """One L2-normalised embedding per video [N, D]: frames at the video config's rate (at most
+        `max_frames`, spread over the whole video), pooled over time; with the audio track's embedding
+        averaged in when the model has an audio tower and the video has sound."""
+        videos = [videos] if not isinstance(videos, (list, tuple)) else videos
+        cfg = self.video_config
+        out = []
+        for video in tqdm(videos, desc="videos", unit="video", disable=not (progress or len(videos) > 8) or None,
+                          leave=False):
+            frames = [frame for _, frame in timed_frames(video, cfg.fps, cfg.max_frames)]
+            vector = self._pool_frames(self._frame_vectors(frames))
+            out.append(self._with_sound(vector, self._sound(video)))
+        return torch.stack(out) if out else self._empty()
+
+    @torch.inference_mode()
+    def embed_video_segments(self, video: VideoInput, window: float | None = None
+                             ) -> list[tuple[float, float, torch.Tensor]]:
+        """(start s, end s, embedding [D]) of consecutive windows of a video (default: `max_frames` frames at
+        the config's rate): for finding the moment something happens. Frames stream: a long video is never
+        held in memory, only one embedding per frame."""
+        cfg = self.video_config
+        window = window or cfg.max_frames / cfg.fps
+        if window <= 0:
+            raise InputError(f"window {window}: must be positive seconds")
+        times: list[float] = []
+        vectors: list[torch.Tensor] = []
+        pending: list[Image.Image] = []
+        for time, frame in timed_frames(video, cfg.fps, max_frames=None):
+            times.append(time)
+            pending.append(frame)
+            if len(pending) == 32:
+                vectors.append(self._frame_vectors(pending))
+                pending = []
+        if pending:
+            vectors.append(self._frame_vectors(pending))
+        frame_vectors = torch.cat(vectors)
+        end_of_video = times[-1] + 1 / cfg.fps
+        index = torch.tensor([int(t // window) for t in times])
+        sound = self._sound(video)
+        rows = []
+        for k in index.unique().tolist():
+            start, end = k * window, min((k + 1) * window, end_of_video)
+            vector = self._pool_frames(frame_vectors[index == k])
+            rows.append((start, end, self._with_sound(vector, sound, (start, end))))
+        return rows
+
+    def preprocess_video(self, video: VideoInput) -> torch.Tensor:
+        """The frames the video tower sees, [max_frames, 3, H, W]: what training feeds it."""
+        return video_pixels(video, self.video_config, self.config.vision.image_size, self.config.image)
+
+    def _frame_vectors(self, frames: list[Image.Image]) -> torch.Tensor:
+        return F.normalize(self.encode_image(self.preprocess(frames).to(self.device, self.dtype)).float(), dim=-1)
+
+    def _pool_frames(self, frame_vectors: torch.Tensor) -> torch.Tensor:
+        """One video vector from its normalised frame vectors [T, D]; more frames than the temporal tower
+        has positions for are thinned evenly."""
+        limit = self.video_config.max_frames
+        if self.video is not None and len(frame_vectors) > limit:
+            frame_vectors = frame_vectors[torch.linspace(0, len(frame_vectors) - 1, limit).round().long()]
+        pooled = self.video(frame_vectors[None].to(self.dtype))[0] if self.video is not None else frame_vectors.mean(0)
+        return F.normalize(pooled.float(), dim=-1)
+
+    def _sound(self, video: VideoInput) -> torch.Tensor | None:
+        """A video's audio track at the audio tower's rate, or None (no audio tower, or a silent video)."""
+        if self.audio is None:
+            return None
+        try:
+            return torch.from_numpy(load_audio(video, self.config.audio.sample_rate))
+        except InputError as e:
+            if "no audio track" in str(e):
+                return None
+            raise
+
+    def _with_sound(self, vector: torch.Tensor, sound: torch.Tensor | None, span: tuple[float, float] | None = None
+                    ) -> torch.Tensor:
+        """The video vector, averaged with its sound's embedding (of `span` seconds) where the model hears."""
+        if sound is None:
+            return vector
+        if span is not None:
+            rate = self.config.audio.sample_rate
+            sound = sound[int(span[0] * rate) : int(span[1] * rate)]
+            if not len(sound):
+                return vector
+        heard = self.embed_audio(sound.numpy())[0]
+        return F.normalize(vector + heard, dim=-1)
+
+    def _audio_config(self) -> AudioConfig:
+        if self.config.audio is None:
+            raise InputError("this model has no audio tower (bind one with `rosetta train`'s pairings)")
+        return self.config.audio
 
     def save_pretrained(self, directory: str | Path, format: str = "rosetta") -> Path:
         """Write a model directory: Rosetta's own format, or `format="transformers"` for transformers' CLIPModel."""
@@ -196,6 +404,38 @@ class ContrastiveModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"params={self.num_params() / 1e6:.1f}M, temperature={1 / math.exp(self.logit_scale.item()):.4f}"
+
+
+def audio_windows(audio: AudioInput, cfg: AudioConfig) -> tuple[torch.Tensor, list[float]]:
+    """A clip's log-mel windows [W, n_mels, frames] of the audio tower's length, and when each starts (s).
+
+    A clip shorter than a window is padded with silence; a longer one is cut into consecutive windows, the
+    last padded when it holds at least a quarter of a window (or is the only one).
+    """
+    samples = cfg.window_samples
+    waveform = torch.from_numpy(load_audio(audio, cfg.sample_rate))
+    starts = [s for s in range(0, len(waveform), samples) if s == 0 or len(waveform) - s >= samples // 4]
+    chunks = torch.stack([pad_or_trim(waveform[s : s + samples], samples) for s in starts])
+    return log_mel_spectrogram(chunks, cfg.n_mels), [s / cfg.sample_rate for s in starts]
+
+
+def video_pixels(video: VideoInput, cfg: VideoConfig, image_size: int, image_config: ImageConfig) -> torch.Tensor:
+    """Frames at `cfg.fps` spread over the video, preprocessed, [max_frames, 3, H, W]: a video with fewer
+    frames repeats its last, so that videos batch."""
+    frames = [frame for _, frame in timed_frames(video, cfg.fps, cfg.max_frames)]
+    frames += frames[-1:] * (cfg.max_frames - len(frames))
+    return torch.stack([preprocess(frame, image_size, image_config) for frame in frames])
+
+
+def _modality_of_all(inputs) -> str:
+    """The one modality of a batch of inputs (a pixel tensor is images); a mixed batch is an error."""
+    if isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
+        return "image"
+    items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+    kinds = {modality_of(item) for item in items} or {"image"}
+    if len(kinds) > 1:
+        raise InputError(f"one modality per call: these inputs mix {', '.join(sorted(kinds))}")
+    return kinds.pop()
 
 
 def read_tokenizer(directory: Path, config: ContrastiveConfig) -> TextTokenizer:

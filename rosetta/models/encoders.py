@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rosetta.models.config import TextConfig, VisionConfig
+from rosetta.models.config import AudioConfig, TextConfig, VideoConfig, VisionConfig, stem_channels
 from rosetta.nn.transformer import MLP, CrossAttention, Transformer
 
 
@@ -26,19 +26,17 @@ class AttentionPool(nn.Module):
 
 
 class ConvStem(nn.Sequential):
-    """Pixels to the patch grid through 3x3 stride-2 convolutions, then a 1x1 projection to the width."""
+    """Pixels (or a spectrogram) to the patch grid through 3x3 stride-2 convolutions, then a 1x1 projection."""
 
-    def __init__(self, cfg: VisionConfig):
-        if cfg.patch_size < 2 or cfg.patch_size & (cfg.patch_size - 1):
-            raise ValueError(f"the conv stem needs a power-of-two patch size, not {cfg.patch_size}")
-        if cfg.image_size % cfg.patch_size:  # its convolutions round up where the patch grid rounds down
-            raise ValueError(f"the conv stem needs an image size divisible by the patch size ({cfg.patch_size})")
+    def __init__(self, in_channels: int, width: int, patch_size: int, bias: bool):
+        if patch_size < 2 or patch_size & (patch_size - 1):
+            raise ValueError(f"the conv stem needs a power-of-two patch size, not {patch_size}")
         layers: list[nn.Module] = []
-        channels = 3
-        for out in cfg.stem_channels:
+        channels = in_channels
+        for out in stem_channels(width, patch_size):
             layers += [nn.Conv2d(channels, out, 3, 2, 1), nn.GELU()]
             channels = out
-        super().__init__(*layers, nn.Conv2d(channels, cfg.width, 1, bias=cfg.patch_bias))
+        super().__init__(*layers, nn.Conv2d(channels, width, 1, bias=bias))
 
     def reset_parameters(self) -> None:
         """He initialisation: CLIP's small normal weights would fade the signal through the stacked convolutions."""
@@ -59,7 +57,9 @@ class VisionTransformer(nn.Module):
         self.cfg = cfg
         width = cfg.width
         if cfg.stem == "conv":
-            self.patch_embed = ConvStem(cfg)
+            if cfg.image_size % cfg.patch_size:  # its convolutions round up where the patch grid rounds down
+                raise ValueError(f"the conv stem needs an image size divisible by the patch size ({cfg.patch_size})")
+            self.patch_embed = ConvStem(3, width, cfg.patch_size, cfg.patch_bias)
         elif cfg.stem == "patch":
             self.patch_embed = nn.Conv2d(3, width, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
         else:
@@ -133,3 +133,55 @@ class TextTransformer(nn.Module):
         else:
             eos = (ids == self.cfg.eos_token_id).int().argmax(dim=-1)
         return x[torch.arange(x.shape[0], device=x.device), eos]
+
+
+class AudioTransformer(nn.Module):
+    """A ViT over log-mel patches (AST, ImageBind's audio tower): [N, n_mels, frames] to a pooled vector [N, width].
+
+    The class token is what it pools; the spectrogram is one channel of a patch grid, mel bins by frames.
+    """
+
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.stem == "conv":
+            self.patch_embed = ConvStem(1, cfg.width, cfg.patch_size, bias=True)
+        elif cfg.stem == "patch":
+            self.patch_embed = nn.Conv2d(1, cfg.width, cfg.patch_size, cfg.patch_size)
+        else:
+            raise ValueError(f"unknown audio stem {cfg.stem!r}")
+        rows, columns = cfg.grid
+        self.cls_token = nn.Parameter(torch.zeros(cfg.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1 + rows * columns, cfg.width))
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_dim, cfg.act, cfg.norm_eps)
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(mel[:, None].to(self.pos_embed.dtype)).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], 1, -1), x], dim=1) + self.pos_embed
+        return self.norm(self.transformer(x))[:, 0]
+
+
+class TemporalPool(nn.Module):
+    """Frame embeddings [N, T, D] to one vector per video [N, D]: their mean, or a small transformer over them.
+
+    The transformer starts as the mean: its output is the mean frame plus a residual read from a class token,
+    and that residual's projection starts at zero, so a freshly added video tower embeds as the image tower does.
+    """
+
+    def __init__(self, cfg: VideoConfig, dim: int):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.layers:
+            self.cls_token = nn.Parameter(torch.zeros(dim))
+            self.pos_embed = nn.Parameter(torch.zeros(cfg.max_frames, dim))
+            self.transformer = Transformer(dim, cfg.layers, cfg.heads, cfg.mlp_ratio * dim, "gelu", 1e-5)
+            self.norm = nn.LayerNorm(dim)
+            self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        mean = frames.mean(dim=1)
+        if not self.cfg.layers:
+            return mean
+        x = torch.cat([self.cls_token.expand(frames.shape[0], 1, -1), frames + self.pos_embed[: frames.shape[1]]], 1)
+        return mean + self.proj(self.norm(self.transformer(x))[:, 0])

@@ -34,7 +34,7 @@ FORMAT = "rosetta"
 
 # Modules that define a FAMILY. A new family appends its module here.
 FAMILY_MODULES: list[str] = ["rosetta.models.contrastive", "rosetta.models.lm", "rosetta.models.asr",
-                             "rosetta.models.vlm"]
+                             "rosetta.models.vlm", "rosetta.models.clap"]
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from rosetta.train.quickstart import quickstart
+    from rosetta.train.quickstart import bind_quickstart, quickstart
 
-    quickstart(args.out, n=args.n, epochs=args.epochs, resume=args.resume)
+    if args.task == "bind":
+        bind_quickstart(args.out, spoken=args.spoken, videos=args.videos, epochs=args.epochs, resume=args.resume)
+    else:
+        quickstart(args.out, n=args.n, epochs=args.epochs, resume=args.resume)
     return 0
 
 
@@ -44,10 +47,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "quickstart", help="build the built-in dataset, train a small model, evaluate it (a few minutes on a CPU)",
         description="The whole lifecycle on this machine: generates the built-in shapes dataset, trains a small "
                     "CLIP on it, evaluates zero-shot accuracy, retrieval and compositionality on the test split, "
-                    "prints the results and leaves a model directory that rosetta.load and 'rosetta classify' open.",
+                    "prints the results and leaves a model directory that rosetta.load and 'rosetta classify' open. "
+                    "--task bind then binds audio and video towers to that model's space (ImageBind's recipe) on "
+                    "spoken captions and videos of moving shapes, and scores spoken caption -> image retrieval, "
+                    "a pairing never seen in training.",
     )
+    p.add_argument("--task", choices=["clip", "bind"], default="clip",
+                   help="clip: the image-text model (default); bind: audio and video towers bound to it")
     p.add_argument("--out", default="runs/quickstart", help="where data, run and model go (default: runs/quickstart)")
     p.add_argument("--n", type=int, default=None, help="images to generate (default: the recipe's)")
+    p.add_argument("--spoken", type=int, default=None, help="bind: spoken captions to generate (default: 2400)")
+    p.add_argument("--videos", type=int, default=None, help="bind: videos to generate (default: 960)")
     p.add_argument("--epochs", type=float, default=None, help="training epochs (default: the recipe's)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted quickstart")
     p.set_defaults(run=cmd_quickstart)

@@ -15,8 +15,8 @@ from rosetta.errors import RosettaError
 
 @dataclass
 class DataConfig:
-    train: str = ""  # a manifest, a folder of captioned images, or a folder of shards
-    val: str | None = None  # evaluated during training (zero-shot needs "label" columns and classes)
+    train: str | list[str] = ""  # a manifest, a folder of captioned images, a folder of shards, or a list of them
+    val: str | list[str] | None = None  # evaluated during training (zero-shot needs "label" columns and classes)
     classes: str | None = None  # JSON list of class names for zero-shot evaluation
     workers: int = 2
 
@@ -43,6 +43,10 @@ class TrainConfig:
     grad_checkpointing: bool = False
     lock_image: bool = False  # LiT: train only the text tower against a frozen image tower
     lock_text: bool = False
+    # Binding (ImageBind's recipe): each pairing trains one modality's tower against a frozen anchor, e.g.
+    # [{modality: audio, anchor: text}, {modality: video, anchor: text, weight: 0.5}]; every other tower is
+    # frozen. Empty: image-text training. New towers come from model_overrides (audio: {...}, video: {...}).
+    pairings: list[dict[str, Any]] = field(default_factory=list)
     distributed: str = "ddp"  # "ddp" or "fsdp" when launched with torchrun
     device: str = "auto"
     seed: int = 0
@@ -54,6 +58,31 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def pairing_list(self) -> list[Pairing]:
+        """The pairings trained: the recipe's, or image-text."""
+        return [Pairing(**p) for p in self.pairings] or [Pairing("image", "text")]
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """One contrastive objective: `modality`'s tower against `anchor`'s, weighted in the summed loss."""
+
+    modality: str
+    anchor: str = "text"
+    weight: float = 1.0
+
+    def __post_init__(self):
+        towers = ("image", "text", "audio", "video")
+        if self.modality not in towers or self.anchor not in ("image", "text") or self.modality == self.anchor:
+            raise RosettaError(f"pairing {self.modality}-{self.anchor}: a modality of {', '.join(towers)} against "
+                               "a different anchor, image or text")
+        if not self.weight > 0:
+            raise RosettaError(f"pairing {self.modality}-{self.anchor}: weight {self.weight} must be positive")
+
+    @property
+    def name(self) -> str:
+        return f"{self.modality}-{self.anchor}"
 
 
 _GROUPS = {"data": DataConfig}
@@ -109,4 +138,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         raise RosettaError(f"batch_size {config.batch_size} is not divisible by accum_steps {config.accum_steps}")
     if config.precision not in ("fp32", "bf16", "fp16"):
         raise RosettaError(f"precision {config.precision!r}: expected fp32, bf16 or fp16")
+    try:
+        pairings = config.pairing_list()
+    except TypeError as e:
+        raise RosettaError(f"pairings: each is {{modality, anchor, weight}} ({e})") from None
+    if len({p.name for p in pairings}) < len(pairings):
+        raise RosettaError("pairings: the same pairing twice")
     return config

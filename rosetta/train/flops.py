@@ -8,7 +8,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from rosetta.models.config import ContrastiveConfig, VisionConfig
+from rosetta.models.config import ContrastiveConfig, VideoConfig, stem_channels
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) of common accelerators, by a substring of the device name.
 _GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40": 181.0, "A10": 125.0, "L4": 121.0,
@@ -22,27 +22,58 @@ def _transformer_flops(tokens: int, width: int, layers: int, mlp_dim: int) -> fl
     return layers * (projections + attention)
 
 
-def _stem_flops(v: VisionConfig) -> float:
-    if v.stem == "patch":
-        return 2 * v.num_patches * (3 * v.patch_size**2) * v.width
-    flops, channels, side = 0.0, 3, v.image_size
-    for out in v.stem_channels:  # 3x3 stride-2 convolutions, then the 1x1 projection
-        side = (side + 1) // 2
-        flops += 2 * side * side * 9 * channels * out
+def _stem_flops(stem: str, in_channels: int, height: int, width: int, patch: int, dim: int) -> float:
+    """A patch projection, or 3x3 stride-2 convolutions then a 1x1 projection, over a height x width input."""
+    if stem == "patch":
+        return 2 * (height // patch) * (width // patch) * (in_channels * patch**2) * dim
+    flops, channels = 0.0, in_channels
+    for out in stem_channels(dim, patch):
+        height, width = (height + 1) // 2, (width + 1) // 2
+        flops += 2 * height * width * 9 * channels * out
         channels = out
-    return flops + 2 * side * side * channels * v.width
+    return flops + 2 * height * width * channels * dim
 
 
 def tower_flops(config: ContrastiveConfig) -> tuple[float, float]:
     """Forward FLOPs of one image through the vision tower and one text through the text tower, projections included."""
     v, t = config.vision, config.text
     tokens = v.num_patches + int(v.class_token)
-    vision = _stem_flops(v) + _transformer_flops(tokens, v.width, v.layers, v.mlp_dim)
+    stem = _stem_flops(v.stem, 3, v.image_size, v.image_size, v.patch_size, v.width)
+    vision = stem + _transformer_flops(tokens, v.width, v.layers, v.mlp_dim)
     if v.pool == "map":
         vision += 2 * (tokens * 2 * v.width * v.width + 2 * v.width * v.width + 2 * v.width * v.mlp_dim)
     vision += 2 * config.embed_dim * v.width * config.vision_proj
     text = _transformer_flops(t.context_length, t.width, t.layers, t.mlp_dim) + 2 * config.embed_dim * t.width
     return vision, text
+
+
+def modality_flops(config: ContrastiveConfig, modality: str) -> tuple[float, float]:
+    """Forward FLOPs of one input of `modality` into the shared space: (through its own tower, through the image
+    tower first) — a video's frames go through the image tower, then its temporal transformer pools them."""
+    vision, text = tower_flops(config)
+    if modality in ("image", "text"):
+        return (vision if modality == "image" else text), 0.0
+    if modality == "audio":
+        a = config.audio
+        rows, columns = a.grid
+        stem = _stem_flops(a.stem, 1, a.n_mels, a.frames, a.patch_size, a.width)
+        tokens = 1 + rows * columns
+        return stem + _transformer_flops(tokens, a.width, a.layers, a.mlp_dim) + 2 * a.width * config.embed_dim, 0.0
+    video, dim = config.video or VideoConfig(layers=0), config.embed_dim
+    temporal = _transformer_flops(1 + video.max_frames, dim, video.layers, video.mlp_ratio * dim) + 2 * dim * dim
+    return temporal * bool(video.layers), video.max_frames * vision
+
+
+def pairing_flops(config: ContrastiveConfig, pairings: list[tuple[str, str]], trained: set[str]) -> float:
+    """FLOPs of one training step per sample (a sample of each pairing): forward + backward (twice the
+    forward) through the towers trained, forward only through the frozen ones (and a video's frames, which
+    reach its temporal tower through the frozen image tower)."""
+    total = 0.0
+    for pair in pairings:
+        for modality in pair:
+            own, through_image = modality_flops(config, modality)
+            total += own * (3 if modality in trained else 1) + through_image
+    return total
 
 
 def train_flops(config: ContrastiveConfig, locked_image: bool = False, locked_text: bool = False) -> float:

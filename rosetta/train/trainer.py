@@ -25,33 +25,47 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from rosetta.errors import InputError, RosettaError
-from rosetta.models.config import PRESETS, ContrastiveConfig, TextConfig
+from rosetta.models.config import PRESETS, AudioConfig, ContrastiveConfig, TextConfig, VideoConfig
 from rosetta.models.contrastive import ContrastiveModel
 from rosetta.train import checkpoint, distributed
 from rosetta.train.config import TrainConfig
-from rosetta.train.flops import describe_peak, peak_flops, train_flops
+from rosetta.train.flops import describe_peak, pairing_flops, peak_flops
 from rosetta.train.losses import contrastive_loss
 from rosetta.train.metrics import MetricsLog
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class EpochSampler(Sampler[int]):
-    """This rank's share of one epoch: a seeded permutation cut into global batches, from a batch position on."""
+class StepSampler(Sampler[int]):
+    """This rank's share of the global batches of training steps [start, end) for one stream of records.
 
-    def __init__(self, n: int, global_batch: int, world: distributed.World, seed: int, epoch: int, start: int = 0):
-        self.order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        self.global_batch, self.world, self.start = global_batch, world, start
+    Each pass over the records is a seeded permutation cut into global batches; step g takes batch
+    g mod batches of pass g // batches. Stream 0 (the first pairing) passes once per epoch; a pairing with
+    fewer records cycles through its own passes meanwhile. Anything resumes at any step.
+    """
+
+    def __init__(self, n: int, global_batch: int, world: distributed.World, seed: int, start: int, end: int,
+                 stream: int = 0):
+        self.n, self.global_batch, self.world = n, global_batch, world
+        self.seed, self.start, self.end, self.stream = seed, start, end, stream
         self.batches = n // global_batch
+
+    def _order(self, cycle: int) -> torch.Tensor:
+        seed = self.seed * 100_003 + cycle + self.stream * 1_000_003
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))
 
     def __iter__(self) -> Iterator[int]:
         share = self.global_batch // self.world.size
-        for b in range(self.start, self.batches):
-            first = b * self.global_batch + self.world.rank * share
-            yield from self.order[first : first + share].tolist()
+        cycle, order = -1, None
+        for step in range(self.start, self.end):
+            if step // self.batches != cycle:
+                cycle = step // self.batches
+                order = self._order(cycle)
+            first = step % self.batches * self.global_batch + self.world.rank * share
+            yield from order[first : first + share].tolist()
 
     def __len__(self) -> int:
-        return (self.batches - self.start) * (self.global_batch // self.world.size)
+        return (self.end - self.start) * (self.global_batch // self.world.size)
 
 
 def _apply_overrides(config: ContrastiveConfig, overrides: dict[str, Any]) -> ContrastiveConfig:
@@ -70,12 +84,13 @@ def build_model(cfg: TrainConfig, texts: list[str]) -> ContrastiveModel:
     from rosetta.models.registry import load
 
     if cfg.model not in PRESETS:
-        if cfg.model_overrides or cfg.tokenizer_vocab:
-            raise RosettaError("model_overrides and tokenizer_vocab apply to presets trained from scratch only")
+        if set(cfg.model_overrides) - set(BOUND_TOWERS) or cfg.tokenizer_vocab:
+            raise RosettaError("a trained model takes new towers (model_overrides audio: and video:); other "
+                               "model_overrides and tokenizer_vocab apply to presets trained from scratch only")
         model = load(cfg.model, device="cpu")
         if cfg.loss and cfg.loss != model.config.loss:
             raise RosettaError(f"{cfg.model} was trained with the {model.config.loss} loss; fine-tune it with the same")
-        return model
+        return with_towers(model, cfg.model_overrides) if cfg.model_overrides else model
     config = _apply_overrides(PRESETS[cfg.model], cfg.model_overrides)
     if cfg.loss == "sigmoid" and config.loss != "sigmoid":  # SigLIP's initial temperature and bias
         config = dataclasses.replace(config, loss="sigmoid", logit_scale_init=math.log(10), logit_bias_init=-10.0)
@@ -90,6 +105,36 @@ def build_model(cfg: TrainConfig, texts: list[str]) -> ContrastiveModel:
     config = dataclasses.replace(config, text=text)
     tokenizer = TextTokenizer(backend, text.context_length, text.pad_token_id, text.cleaning)
     return ContrastiveModel(config, tokenizer=tokenizer)
+
+
+BOUND_TOWERS = {"audio": AudioConfig, "video": VideoConfig}
+
+
+def with_towers(model: ContrastiveModel, towers: dict[str, dict[str, Any]]) -> ContrastiveModel:
+    """`model` with new audio and/or video towers (untrained), every other weight kept."""
+    config = dataclasses.replace(model.config, **{name: BOUND_TOWERS[name](**(settings or {}))
+                                                  for name, settings in towers.items()})
+    bound = ContrastiveModel(config, tokenizer=model.tokenizer)
+    new = tuple(towers) + tuple(f"{name}_proj" for name in towers) + tuple(f"bound_logit_scale.{n}" for n in towers)
+    kept = {k: v for k, v in model.state_dict().items() if not k.startswith(new)}
+    missing, unexpected = bound.load_state_dict(kept, strict=False)
+    assert not unexpected and all(k.startswith(new) for k in missing), (missing, unexpected)
+    return bound
+
+
+def tower_modules(model: ContrastiveModel, modality: str) -> list[torch.nn.Module | torch.nn.Parameter]:
+    """What training `modality`'s tower trains: the encoder, its projection, a bound tower's temperature."""
+    if modality == "image":
+        return [model.vision, model.vision_proj]
+    if modality == "text":
+        return [model.text, model.text_proj]
+    tower = getattr(model, modality)
+    if tower is None:
+        what = "a temporal transformer (video: {layers: 2})" if modality == "video" else "an audio tower (audio: {})"
+        raise RosettaError(f"pairing {modality}: the model has no {modality} tower to train; add {what} "
+                           "under model_overrides")
+    projection = [model.audio_proj] if modality == "audio" else []
+    return [tower, *projection, model.bound_logit_scale[modality]]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -114,7 +159,6 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False):
-        from rosetta.data.records import read_records
         from rosetta.models.io import resolve_device
 
         self.cfg = cfg
@@ -133,20 +177,30 @@ class Trainer:
 
         if not cfg.data.train:
             raise RosettaError("no training data: set data.train (a manifest, a captioned-image folder or shards)")
-        # Shard members are listed, not read: the images are read by the DataLoader workers, sample by sample.
-        self.train_records = [r for r in read_records(cfg.data.train, lazy=True)
-                              if r.get("text") and r.get("image") is not None]
-        if len(self.train_records) < cfg.batch_size:
-            raise RosettaError(
-                f"{cfg.data.train}: {len(self.train_records)} captioned images, fewer than a batch ({cfg.batch_size})"
-            )
-        self.val_records = list(read_records(cfg.data.val)) if cfg.data.val else []
+        self.pairings = cfg.pairing_list()
+        self.binding = bool(cfg.pairings)
+        # Shard members are listed, not read: the files are read by the DataLoader workers, sample by sample.
+        records = list(_read_all(cfg.data.train, lazy=True))
+        self.train_records = [[r for r in records if _has(r, p.modality) and _has(r, p.anchor)] for p in self.pairings]
+        for pairing, pool in zip(self.pairings, self.train_records):
+            if len(pool) < cfg.batch_size:
+                what = f"records with {pairing.modality} and {pairing.anchor}" if self.binding else "captioned images"
+                raise RosettaError(f"{cfg.data.train}: {len(pool)} {what}, fewer than a batch ({cfg.batch_size})")
+        self.val_records = list(_read_all(cfg.data.val)) if cfg.data.val else []
         self.classes = json.loads(Path(cfg.data.classes).read_text()) if cfg.data.classes else None
 
-        self.model = build_model(cfg, [r["text"] for r in self.train_records]).to(self.device)
+        texts = [r["text"] for pool in self.train_records for r in pool if r.get("text")]
+        self.model = build_model(cfg, texts).to(self.device)
         self.loss_kind = self.model.config.loss
+        for tower in (self.model.vision, self.model.text, self.model.audio, self.model.video):
+            if tower is not None:
+                tower.transformer.gradient_checkpointing = cfg.grad_checkpointing
+        if self.binding:  # ImageBind: the anchors, and every tower not paired, stay as they are
+            self.model.requires_grad_(False)
+            for pairing in self.pairings:
+                for part in tower_modules(self.model, pairing.modality):
+                    part.requires_grad_(True)
         for tower, locked in ((self.model.vision, cfg.lock_image), (self.model.text, cfg.lock_text)):
-            tower.transformer.gradient_checkpointing = cfg.grad_checkpointing
             if locked:
                 tower.requires_grad_(False)
         if cfg.lock_image:
@@ -159,7 +213,7 @@ class Trainer:
             self.model.load_state_dict(read_weights(self.resume_from, ("model.safetensors",)))
         self.wrapped = self._wrap(self.model)
 
-        self.steps_per_epoch = len(self.train_records) // cfg.batch_size
+        self.steps_per_epoch = len(self.train_records[0]) // cfg.batch_size
         self.total_steps = max(1, int(cfg.epochs * self.steps_per_epoch))
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
@@ -169,8 +223,14 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.step = 0
+        self.pairing_losses: dict[str, float] = {}  # this rank's last loss of each pairing, for the log
         self._compute_dtype = _AUTOCAST.get(cfg.precision, torch.float32)
-        self.flops_per_sample = train_flops(self.model.config, cfg.lock_image, cfg.lock_text)
+        if self.binding:
+            trained = {p.modality for p in self.pairings}
+        else:
+            trained = {m for m, locked in (("image", cfg.lock_image), ("text", cfg.lock_text)) if not locked}
+        self.flops_per_sample = pairing_flops(self.model.config, [(p.modality, p.anchor) for p in self.pairings],
+                                              trained)
         self.peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else peak_flops(self.device, self._compute_dtype)
 
     # Set-up.
@@ -189,8 +249,8 @@ class Trainer:
 
             for tensor in model.state_dict().values():  # every rank shards rank 0's weights, as DDP would use
                 torch.distributed.broadcast(tensor, src=0)
-            for tower in (model.vision, model.text):
-                for block in tower.transformer.blocks:
+            for tower in (model.vision, model.text, model.audio, model.video):
+                for block in tower.transformer.blocks if tower is not None else ():
                     fully_shard(block)
             return fully_shard(model)
         if self.cfg.distributed != "ddp":
@@ -199,16 +259,21 @@ class Trainer:
 
         return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-    def _loader(self, epoch: int, start: int) -> DataLoader:
+    def _loaders(self, epoch: int, position: int) -> list[DataLoader]:
+        """One loader per pairing over the rest of this epoch's steps, each from its own stream of records."""
         from rosetta.data.dataset import PairDataset
 
-        dataset = PairDataset.from_model(self.train_records, self.model)
-        sampler = EpochSampler(len(dataset), self.cfg.batch_size, self.world, self.cfg.seed, epoch, start)
-        return DataLoader(
-            dataset, batch_size=self.cfg.batch_size // (self.world.size * self.cfg.accum_steps), sampler=sampler,
-            num_workers=self.cfg.data.workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=False, prefetch_factor=4 if self.cfg.data.workers else None,
-        )
+        first, end = epoch * self.steps_per_epoch + position, (epoch + 1) * self.steps_per_epoch
+        loaders = []
+        for stream, (pairing, records) in enumerate(zip(self.pairings, self.train_records)):
+            dataset = PairDataset.from_model(records, self.model, (pairing.modality, pairing.anchor))
+            sampler = StepSampler(len(dataset), self.cfg.batch_size, self.world, self.cfg.seed, first, end, stream)
+            loaders.append(DataLoader(
+                dataset, batch_size=self.cfg.batch_size // (self.world.size * self.cfg.accum_steps), sampler=sampler,
+                num_workers=self.cfg.data.workers, pin_memory=self.device.type == "cuda",
+                persistent_workers=False, prefetch_factor=4 if self.cfg.data.workers else None,
+            ))
+        return loaders
 
     # Checkpoints.
 
@@ -284,29 +349,45 @@ class Trainer:
         dtype = _AUTOCAST.get(self.cfg.precision)
         return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
-    def _loss(self, images: list[torch.Tensor], texts: list[torch.Tensor], scale, bias) -> torch.Tensor:
-        return contrastive_loss(self.loss_kind, torch.cat(images), torch.cat(texts), scale, bias, self.world)
+    def _features(self, batch: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, ...]]:
+        """(features, anchor features, log temperature, bias) of each pairing, from one forward of the model."""
+        if not self.binding:
+            return [self.wrapped(*batch[0])]
+        pairs = [(p.modality, p.anchor, a, b) for p, (a, b) in zip(self.pairings, batch)]
+        return [(a, b, scale, None) for a, b, scale in self.wrapped(pairs=pairs)]
 
-    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        batches = [(p.to(self.device, non_blocking=True), i.to(self.device, non_blocking=True))
-                   for p, i in micro_batches]
+    def _loss(self, micro: list[list[tuple[torch.Tensor, ...]]], scales: list[tuple[torch.Tensor, ...]]
+              ) -> torch.Tensor:
+        """The weighted sum over pairings of each one's contrastive loss over the whole batch (all micro-batches)."""
+        total = 0.0
+        for k, (pairing, (scale, bias)) in enumerate(zip(self.pairings, scales)):
+            kind = self.loss_kind if not self.binding else "softmax"  # ImageBind's InfoNCE for bound towers
+            features = torch.cat([m[k][0] for m in micro])
+            anchors = torch.cat([m[k][1] for m in micro])
+            loss = contrastive_loss(kind, features, anchors, scale, bias, self.world)
+            self.pairing_losses[f"loss/{pairing.name}"] = loss.item()
+            total = total + pairing.weight * loss
+        return total
+
+    def train_step(self, micro_batches: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> float:
+        """One optimiser step over micro-batches, each a (inputs, anchor inputs) batch per pairing."""
+        batches = [[(a.to(self.device, non_blocking=True), b.to(self.device, non_blocking=True)) for a, b in micro]
+                   for micro in micro_batches]
         if len(batches) == 1:
             with self._autocast():
-                image, text, scale, bias = self.wrapped(*batches[0])
-                loss = self._loss([image], [text], scale, bias)
+                features = self._features(batches[0])
+                loss = self._loss([features], [f[2:] for f in features])
             self.scaler.scale(loss).backward()
         else:
             # Features of every micro-batch without gradients, then each micro-batch again with them, its own
             # features swapped in: summed, the gradients are those of the loss over the whole batch.
             with torch.no_grad(), self._autocast():
-                cached = [self.wrapped(*b)[:2] for b in batches]
-            images, texts = [c[0] for c in cached], [c[1] for c in cached]
+                cached = [self._features(b) for b in batches]
             for j, batch in enumerate(batches):
                 sync = j == len(batches) - 1 or not hasattr(self.wrapped, "no_sync")
                 with contextlib.nullcontext() if sync else self.wrapped.no_sync(), self._autocast():
-                    image, text, scale, bias = self.wrapped(*batch)
-                    loss = self._loss([*images[:j], image, *images[j + 1:]], [*texts[:j], text, *texts[j + 1:]],
-                                      scale, bias)
+                    features = self._features(batch)
+                    loss = self._loss([*cached[:j], features, *cached[j + 1:]], [f[2:] for f in features])
                 self.scaler.scale(loss).backward()
         if self.cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
@@ -316,7 +397,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         with torch.no_grad():
-            self.model.logit_scale.clamp_(0, math.log(100))
+            for scale in (self.model.logit_scale, *self.model.bound_logit_scale.values()):
+                scale.clamp_(0, math.log(100))
         self.step += 1
         return distributed.mean_across(loss.item(), self.world)
 
@@ -331,11 +413,16 @@ class Trainer:
         self.model.eval()
         if self.sharded:  # the root's own weights are only gathered by its forward: gather them for the tasks
             self.model.unshard()
-        results = evaluate(self.model, self.val_records, classes=self.classes)
+        if self.binding:
+            from rosetta.eval.binding import binding
+
+            results = {"binding": binding(self.model, self.val_records, self.pairings)}
+        else:
+            results = evaluate(self.model, self.val_records, classes=self.classes)
         if self.sharded:
             self.model.reshard()
         self.model.train()
-        return {f"{task}/{k}" if task != "zeroshot" else k: v for task, metrics in results.items()
+        return {f"{task}/{k}" if task not in ("zeroshot", "binding") else k: v for task, metrics in results.items()
                 for k, v in metrics.items() if k != "n"}
 
     def fit(self) -> Path:
@@ -355,10 +442,10 @@ class Trainer:
         self.model.train()
         try:
             while self.step < self.total_steps:
-                loader = iter(self._loader(epoch, position))
+                loaders = [iter(loader) for loader in self._loaders(epoch, position)]
                 while position < self.steps_per_epoch and self.step < self.total_steps:
                     start = time.perf_counter()
-                    micro = [self._next(loader) for _ in range(cfg.accum_steps)]
+                    micro = [[self._next(loader) for loader in loaders] for _ in range(cfg.accum_steps)]
                     loss = self.train_step(micro)
                     position += 1
                     seconds = time.perf_counter() - start
@@ -370,7 +457,7 @@ class Trainer:
                         log.log(self.step, "train", {
                             "epoch": epoch + position / self.steps_per_epoch, "loss": loss,
                             "lr": self.scheduler.get_last_lr()[0], "samples_per_s": speed, "mfu": mfu,
-                            "temperature": self._temperature(),
+                            **self._temperatures(), **(self.pairing_losses if self.binding else {}),
                         })
                     if cfg.eval_every and self.step % cfg.eval_every == 0:
                         log.log(self.step, "val", self.evaluate())
@@ -390,10 +477,15 @@ class Trainer:
             bar.close()
             log.close()
 
-    def _temperature(self) -> float:
-        scale = self.model.logit_scale
-        scale = scale.full_tensor() if hasattr(scale, "full_tensor") else scale  # FSDP shards it
-        return 1 / scale.exp().item()
+    def _temperatures(self) -> dict[str, float]:
+        """The image-text temperature, or each bound modality's when binding."""
+        def temperature(scale: torch.Tensor) -> float:
+            scale = scale.full_tensor() if hasattr(scale, "full_tensor") else scale  # FSDP shards it
+            return 1 / scale.exp().item()
+
+        if not self.binding:
+            return {"temperature": temperature(self.model.logit_scale)}
+        return {f"temperature/{p.modality}": temperature(self.model.temperature_of(p.modality)) for p in self.pairings}
 
     @staticmethod
     def _next(loader: Iterator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -404,6 +496,17 @@ class Trainer:
             raise RosettaError(
                 f"unreadable training sample: {reason} (remove it, e.g. with 'rosetta data clean', then --resume)"
             ) from None
+
+
+def _has(record: dict, modality: str) -> bool:
+    return bool(record.get("text")) if modality == "text" else record.get(modality) is not None
+
+
+def _read_all(sources: str | list[str], lazy: bool = False) -> Iterator[dict]:
+    from rosetta.data.records import read_records
+
+    for source in [sources] if isinstance(sources, str) else sources:
+        yield from read_records(source, lazy=lazy)
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:

@@ -1,0 +1,53 @@
+"""Which modality an input is: by a path's suffix, by a file's first bytes, by an array's shape.
+
+One answer for every entry point (the model's `embed` and `classify`, the index, the server), so that
+a WAV is heard and an MP4 watched wherever it is handed in.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rosetta.modalities.audio import AUDIO_SUFFIXES
+from rosetta.modalities.image import IMAGE_SUFFIXES
+from rosetta.modalities.video import VIDEO_SUFFIXES
+
+MODALITIES = ("image", "audio", "video")
+
+# File signatures: (offset, bytes) -> modality. MP4/MOV carry "ftyp" at byte 4; Matroska and WebM (audio or
+# video: taken as video, which says whether it has an audio track) start with EBML's magic.
+_SIGNATURES = (
+    (0, b"RIFF", "audio"), (0, b"fLaC", "audio"), (0, b"OggS", "audio"), (0, b"ID3", "audio"),
+    (0, b"\xff\xfb", "audio"), (0, b"\xff\xf3", "audio"), (0, b"\xff\xf1", "audio"), (0, b"\xff\xf9", "audio"),
+    (4, b"ftyp", "video"), (0, b"\x1a\x45\xdf\xa3", "video"),
+)
+_AUDIO_ONLY_BRANDS = (b"M4A ", b"M4B ", b"dash")  # MP4 containers that hold sound only
+
+
+def modality_of(item) -> str:
+    """"image", "audio" or "video" for a path, a file's bytes, a PIL image, an array or a tensor."""
+    if isinstance(item, (str, os.PathLike)):
+        suffix = Path(item).suffix.lower()
+        if suffix in IMAGE_SUFFIXES:  # before the video suffixes: a GIF is embedded as a picture
+            return "image"
+        if suffix in VIDEO_SUFFIXES:
+            return "video"
+        return "audio" if suffix in AUDIO_SUFFIXES else "image"
+    if isinstance(item, (bytes, bytearray)):
+        return _sniff(bytes(item[:16]))
+    if isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 1:
+        return "audio"  # a waveform; images are 2-D or 3-D
+    return "image"
+
+
+def _sniff(head: bytes) -> str:
+    for offset, magic, modality in _SIGNATURES:
+        if head[offset : offset + len(magic)] == magic:
+            if magic == b"ftyp" and head[8:12] in _AUDIO_ONLY_BRANDS:
+                return "audio"
+            return modality
+    return "image"

@@ -1,0 +1,272 @@
+"""Binding (ImageBind's recipe): audio and video towers trained against frozen anchors; their embeddings;
+accumulation, two processes and exact resume for every pairing; the evaluation of trained and emergent pairs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import load_file
+from test_train import assert_same_weights, losses, torchrun
+
+import rosetta
+from rosetta.errors import InputError, RosettaError
+from rosetta.eval.binding import binding
+from rosetta.modalities.sniff import modality_of
+from rosetta.models.contrastive import ContrastiveModel
+from rosetta.train.config import Pairing, load_config
+from rosetta.train.trainer import train
+
+TONES = {"low": 300, "middle": 700, "high": 1500, "shrill": 3000}
+AUDIO = {"width": 64, "layers": 2, "heads": 4, "mlp_dim": 128, "seconds": 1.5, "n_mels": 32, "patch_size": 8}
+VIDEO = {"fps": 2, "max_frames": 4, "layers": 1}
+
+
+def write_video(path: Path, direction: int, seconds: float = 2.0, rate: int = 4, tone: float | None = None) -> Path:
+    """A frame fading from red to blue (direction 1) or blue to red: the same frames either way, in the
+    opposite order, so that only a tower that reads their order tells the two apart. Optionally a tone."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=rate)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"flags": "+qscale", "global_quality": str(2 * 118)}  # keep the colours: a fixed quantiser
+        sound = container.add_stream("aac", rate=16_000) if tone else None
+        frames = int(seconds * rate)
+        for f in range(frames):
+            a = f / max(1, frames - 1) if direction > 0 else 1 - f / max(1, frames - 1)
+            image = np.full((32, 32, 3), (int(220 * (1 - a) + 30 * a), 40, int(30 * (1 - a) + 220 * a)), np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+        if sound is not None:
+            t = np.arange(int(seconds * 16_000)) / 16_000
+            samples = (0.3 * np.sin(2 * np.pi * tone * t)).astype(np.float32)[None]
+            for start in range(0, samples.shape[1], 1024):
+                frame = av.AudioFrame.from_ndarray(samples[:, start : start + 1024], format="fltp", layout="mono")
+                frame.sample_rate = 16_000
+                for packet in sound.encode(frame):
+                    container.mux(packet)
+            for packet in sound.encode():
+                container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Tones named by their pitch and squares named by their motion, and an untrained tiny model to bind to."""
+    out = tmp_path_factory.mktemp("bind")
+    (out / "audio").mkdir()
+    (out / "video").mkdir()
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(64):
+        name, hz = list(TONES.items())[i % 4]
+        t = np.arange(int(16_000 * rng.uniform(0.4, 1.4))) / 16_000
+        wave = 0.3 * np.sin(2 * np.pi * hz * t) + 0.02 * rng.standard_normal(len(t))
+        sf.write(out / "audio" / f"{i}.wav", wave.astype(np.float32), 16_000)
+        records.append({"key": f"tone-{i}", "audio": f"audio/{i}.wav", "text": f"a {name} tone", "label": name})
+    for i in range(32):
+        turning = ("blue", "red")[i % 2]
+        write_video(out / "video" / f"{i}.mp4", 1 if turning == "blue" else -1, seconds=float(2 + i % 3))
+        records.append({"key": f"clip-{i}", "video": f"video/{i}.mp4", "text": f"the colour turning {turning}"})
+    (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    # Untrained, with the image tower's mean over patches (not a class token) pooled: colours embed apart.
+    torch.manual_seed(0)
+    base = rosetta.create("tiny")
+    config = dataclasses.replace(base.config, vision=dataclasses.replace(base.config.vision, pool="mean"))
+    ContrastiveModel(config).save_pretrained(out / "base")
+    return out
+
+
+def recipe(data: Path, out: Path, **settings) -> Path:
+    values = {
+        "model": str(data / "base"), "model_overrides": {"audio": AUDIO, "video": VIDEO},
+        "pairings": [{"modality": "audio", "anchor": "text"}, {"modality": "video", "anchor": "text", "weight": 0.5}],
+        "data": {"train": str(data / "train.jsonl"), "val": str(data / "train.jsonl"), "workers": 0},
+        "out": str(out), "batch_size": 16, "epochs": 1, "lr": 2e-3, "warmup_steps": 2, "log_every": 1,
+        "device": "cpu", **settings,
+    }
+    path = out.with_suffix(".yaml")
+    path.write_text(json.dumps(values))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bound(data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("bound") / "run"
+    train(load_config(recipe(data, run, epochs=16)))
+    return run
+
+
+def test_bound_towers_learn_while_the_anchors_stay_frozen(data, bound):
+    before, after = load_file(data / "base" / "model.safetensors"), load_file(bound / "model" / "model.safetensors")
+    for key, tensor in before.items():
+        assert torch.equal(tensor, after[key]), f"{key} moved: the anchors and their space must stay frozen"
+    assert any(k.startswith("audio.") for k in after) and any(k.startswith("video.") for k in after)
+    rows = [json.loads(line) for line in (bound / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert {"loss/audio-text", "loss/video-text", "temperature/audio", "temperature/video"} <= train_rows[-1].keys()
+    assert train_rows[-1]["loss/audio-text"] < train_rows[0]["loss/audio-text"]
+    val = [r for r in rows if r["split"] == "val"][-1]
+    assert val["audio_to_text_recall@1"] >= 0.9  # four pitches, told apart from their spectrograms
+    assert val["video_to_text_recall@1"] >= 0.9  # the order of the frames: only the temporal tower reads it
+    assert "audio_to_image_top1" not in val  # emergent pairs need labelled records of both: none here
+
+    model = rosetta.load(bound / "model")
+    assert model.bound_modalities == ("audio", "video")
+    probs = model.classify([data / "audio" / "0.wav", data / "audio" / "1.wav"], [f"a {n} tone" for n in TONES])
+    assert probs.argmax(dim=1).tolist() == [0, 1]
+    assert torch.allclose(probs.sum(dim=1), torch.ones(2))
+
+
+def test_a_mean_over_frames_cannot_tell_the_order_the_temporal_tower_can(data, bound):
+    """Why videos get a temporal tower: a video and its reverse have one mean frame."""
+    from rosetta.modalities.video import sample_frames
+
+    forward, backward = data / "video" / "0.mp4", data / "video" / "3.mp4"  # two seconds each, all 8 frames
+    base = rosetta.load(data / "base")
+    mean = [torch.nn.functional.normalize(base.embed_images(sample_frames(v, fps=4, max_frames=8)).mean(0), dim=0)
+            for v in (forward, backward)]
+    assert float(mean[0] @ mean[1]) > 0.99
+    model = rosetta.load(bound / "model")
+    texts = model.embed_texts(["the colour turning blue", "the colour turning red"])
+    assert (model.embed_videos([forward, backward]) @ texts.T).argmax(dim=1).tolist() == [0, 1]
+
+
+def test_accumulation_two_processes_and_resume_follow_one_trajectory(data, tmp_path):
+    single = train(load_config(recipe(data, tmp_path / "single", epochs=2)))
+    # Float summation orders differ, and Adam's first steps magnify the difference in gradients near zero (the
+    # temporal tower's output projection starts at zero): ~2e-4 after 8 steps. Losses over the wrong batch (each
+    # micro-batch or rank alone) would differ by tenths.
+    train(load_config(recipe(data, tmp_path / "accum", epochs=2, accum_steps=2)))
+    assert losses(tmp_path / "accum") == pytest.approx(losses(tmp_path / "single"), abs=1e-3)
+    assert_same_weights(single, tmp_path / "accum" / "model", atol=5e-3)
+
+    torchrun(recipe(data, tmp_path / "ddp", epochs=2))
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), abs=1e-3)
+    assert_same_weights(single, tmp_path / "ddp" / "model", atol=5e-3)
+
+    run = tmp_path / "resumed"
+    config = load_config(recipe(data, run, epochs=2, checkpoint_every=3, keep_checkpoints=10))
+    train(config)
+    shutil.rmtree(run / "checkpoints" / "step-00000006")
+    shutil.rmtree(run / "checkpoints" / "step-00000008")
+    shutil.rmtree(run / "model")
+    (run / "checkpoints" / "latest.json").write_text(json.dumps({"step": 3, "checkpoint": "step-00000003"}))
+    train(config, resume=True)
+    assert losses(run) == pytest.approx(losses(tmp_path / "single"), abs=1e-6)
+    assert_same_weights(single, run / "model")
+
+
+def test_pairings_are_checked(data, tmp_path):
+    with pytest.raises(RosettaError, match="different anchor"):
+        Pairing("audio", "audio")
+    with pytest.raises(RosettaError, match="weight"):
+        Pairing("audio", "text", weight=0)
+    with pytest.raises(RosettaError, match="no audio tower"):
+        train(load_config(recipe(data, tmp_path / "no-tower", model_overrides={})))
+    with pytest.raises(RosettaError, match="new towers"):
+        train(load_config(recipe(data, tmp_path / "bad", model_overrides={"embed_dim": 32})))
+    with pytest.raises(RosettaError, match="same pairing twice"):
+        load_config(recipe(data, tmp_path / "twice", pairings=[{"modality": "audio"}, {"modality": "audio"}]))
+
+
+@pytest.fixture(scope="module")
+def hearing(data) -> rosetta.models.contrastive.ContrastiveModel:
+    from rosetta.train.trainer import with_towers
+
+    return with_towers(rosetta.load(data / "base"), {"audio": AUDIO}).eval()
+
+
+def test_audio_in_every_form_embeds_alike_and_long_clips_are_windowed(hearing, tmp_path):
+    t = np.arange(16_000 * 4) / 16_000
+    wave = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    sf.write(tmp_path / "a.wav", wave, 16_000)
+    sf.write(tmp_path / "a44.flac", np.interp(np.arange(44_100 * 4) / 44_100, t, wave).astype(np.float32), 44_100)
+    path, data_bytes, array = hearing.embed_audio([tmp_path / "a.wav", (tmp_path / "a.wav").read_bytes(), wave])
+    assert torch.allclose(path, data_bytes) and torch.allclose(path, array, atol=1e-6)
+    resampled = hearing.embed_audio(tmp_path / "a44.flac")[0]
+    assert float(resampled @ path) > 0.99  # soxr's band-limited resampling: the same sound
+
+    segments = hearing.embed_audio_segments(wave)
+    assert [(s, e) for s, e, _ in segments] == [(0.0, 1.44), (1.44, 2.88), (2.88, 4.32)]  # 1.44 s windows
+    mean = torch.nn.functional.normalize(torch.stack([v for _, _, v in segments]).mean(0), dim=0)
+    assert torch.allclose(path, mean, atol=1e-6)
+
+
+def test_videos_are_frames_pooled_and_their_sound_is_heard(data, hearing, tmp_path):
+    plain = rosetta.load(data / "base")
+    video = write_video(tmp_path / "clip.mp4", 1, seconds=6.0)
+    from rosetta.modalities.video import sample_frames
+
+    frames = plain.embed_images(sample_frames(video, fps=1.0, max_frames=8))  # a CLIP pools the mean of 1 frame/s
+    expected = torch.nn.functional.normalize(frames.mean(0), dim=0)
+    assert torch.allclose(plain.embed_videos(video)[0], expected, atol=1e-5)
+
+    segments = plain.embed_video_segments(video, window=2.0)
+    assert [(s, e) for s, e, _ in segments] == [(0.0, 2.0), (2.0, 4.0), (4.0, 6.0)]
+    with_sound = write_video(tmp_path / "tone.mp4", 1, seconds=6.0, tone=440.0)
+    heard, seen = hearing.embed_videos(with_sound)[0], plain.embed_videos(with_sound)[0]
+    sound = hearing.embed_audio(with_sound)[0]
+    assert torch.allclose(heard, torch.nn.functional.normalize(seen + sound, dim=0), atol=1e-5)
+    assert torch.allclose(hearing.embed_videos(video)[0], plain.embed_videos(video)[0], atol=1e-6)  # silent
+
+
+def test_bad_audio_and_video_are_one_clear_error(hearing, data, tmp_path):
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"not a video at all")
+    with pytest.raises(InputError, match="junk.mp4"):
+        hearing.embed_videos(junk)
+    with pytest.raises(InputError, match="no audio track"):
+        hearing.embed_audio(data / "video" / "0.mp4")
+    with pytest.raises(InputError, match="one modality per call"):
+        hearing.embed([data / "audio" / "0.wav", data / "video" / "0.mp4"])
+    with pytest.raises(InputError, match="no audio tower"):
+        rosetta.load(data / "base").embed_audio(data / "audio" / "0.wav")
+
+
+def test_modalities_are_told_apart_by_suffix_bytes_and_shape(data):
+    assert modality_of("x.wav") == modality_of("x.MP3") == "audio"
+    assert modality_of("x.mp4") == "video" and modality_of("x.gif") == modality_of("x.png") == "image"
+    assert modality_of((data / "audio" / "0.wav").read_bytes()) == "audio"
+    assert modality_of((data / "video" / "0.mp4").read_bytes()) == "video"
+    assert modality_of(np.zeros(16_000, np.float32)) == "audio"
+    assert modality_of(np.zeros((8, 8, 3), np.uint8)) == "image"
+
+
+class _Embeds:
+    """Unit vectors chosen by hand, to check what the evaluation counts as a hit."""
+
+    def __init__(self, vectors: dict):
+        self.vectors = vectors
+
+    def embed_texts(self, texts, batch_size=32):
+        return torch.stack([self.vectors[t] for t in texts])
+
+    def embed(self, sources, modality, batch_size=32):
+        return torch.stack([self.vectors[s] for s in sources])
+
+
+def test_captions_that_mean_the_same_count_and_emergent_hits_are_by_class():
+    e = torch.eye(3)
+    model = _Embeds({"moves left": e[0], "moving left": e[0] * 0.9 + e[1] * 0.1, "moving right": e[2],
+                     "v1": e[0], "v2": e[0], "v3": e[2], "red.png": e[0], "blue.png": e[2], "a1": e[0], "red": e[0]})
+    records = [
+        {"video": "v1", "text": "moves left", "label": "square", "motion": "left"},
+        {"video": "v2", "text": "moving left", "label": "square", "motion": "left"},
+        {"video": "v3", "text": "moving right", "label": "square", "motion": "right"},
+        {"image": "red.png", "text": "red", "label": "red"}, {"image": "blue.png", "text": "blue", "label": "blue"},
+        {"audio": "a1", "text": "red", "label": "red"},
+    ]
+    metrics = binding(model, records, [Pairing("video", "text"), Pairing("audio", "text")])
+    # v2 is nearest "moves left", another video's caption saying the same: a hit
+    assert metrics["video_to_text_recall@1"] == 1.0 and metrics["video_text_n"] == 3
+    assert metrics["audio_to_image_top1"] == 1.0  # a1 is nearest red.png, never paired with it
