@@ -100,3 +100,67 @@ def serving(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+# Sounds and videos made in the test: small, exact, decodable by soundfile and PyAV.
+
+AUDIO_TOWER = {"width": 64, "layers": 2, "heads": 4, "mlp_dim": 128, "seconds": 1.5, "n_mels": 32, "patch_size": 8}
+VIDEO_TOWER = {"fps": 2, "max_frames": 4, "layers": 1}  # windows of 2 s
+
+
+def hearing_model():
+    """The seeded `tiny` model with an (untrained) audio tower and video tower bound to it."""
+    import rosetta
+    from rosetta.train.trainer import with_towers
+
+    torch.manual_seed(0)
+    model = with_towers(rosetta.create("tiny"), {"audio": AUDIO_TOWER, "video": VIDEO_TOWER}).eval()
+    model.name = "tiny-hearing"
+    return model
+
+
+def tones(*parts: tuple[float, float], rate: int = 16_000):
+    """Samples of consecutive tones, (hz, seconds) each, as float32."""
+    import numpy as np
+
+    waves = [0.3 * np.sin(2 * np.pi * hz * np.arange(int(seconds * rate)) / rate) for hz, seconds in parts]
+    return np.concatenate(waves).astype(np.float32)
+
+
+def write_tones(path: Path, *parts: tuple[float, float]) -> Path:
+    """A 16 kHz float WAV of consecutive tones: its samples read back exactly."""
+    import soundfile as sf
+
+    sf.write(path, tones(*parts), 16_000, subtype="FLOAT")
+    return path
+
+
+def write_video(path: Path, colours: list[tuple[int, int, int]], seconds_each: float = 2.0, rate: int = 4,
+                tone: float | None = None) -> Path:
+    """An MPEG-4 video of solid colours, `seconds_each` seconds each, with an optional tone as its sound."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=rate)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"flags": "+qscale", "global_quality": str(2 * 118)}  # a fixed quantiser keeps the colours
+        sound = container.add_stream("aac", rate=16_000) if tone is not None else None  # every stream before muxing
+        for colour in colours:
+            for _ in range(int(seconds_each * rate)):
+                frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), colour, np.uint8), format="rgb24")
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+        if sound is not None:
+            samples = tones((tone, seconds_each * len(colours)))[None]
+            for start in range(0, samples.shape[1], 1024):
+                chunk = av.AudioFrame.from_ndarray(samples[:, start : start + 1024], format="fltp", layout="mono")
+                chunk.sample_rate = 16_000
+                for packet in sound.encode(chunk):
+                    container.mux(packet)
+            for packet in sound.encode():
+                container.mux(packet)
+    return path

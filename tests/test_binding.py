@@ -8,11 +8,11 @@ import json
 import shutil
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import AUDIO_TOWER, VIDEO_TOWER, write_video
 from safetensors.torch import load_file
 from test_train import assert_same_weights, losses, torchrun
 
@@ -25,38 +25,16 @@ from rosetta.train.config import Pairing, load_config
 from rosetta.train.trainer import train
 
 TONES = {"low": 300, "middle": 700, "high": 1500, "shrill": 3000}
-AUDIO = {"width": 64, "layers": 2, "heads": 4, "mlp_dim": 128, "seconds": 1.5, "n_mels": 32, "patch_size": 8}
-VIDEO = {"fps": 2, "max_frames": 4, "layers": 1}
+AUDIO, VIDEO = AUDIO_TOWER, VIDEO_TOWER
 
 
-def write_video(path: Path, direction: int, seconds: float = 2.0, rate: int = 4, tone: float | None = None) -> Path:
+def fade(path: Path, direction: int, seconds: float = 2.0, rate: int = 4, tone: float | None = None) -> Path:
     """A frame fading from red to blue (direction 1) or blue to red: the same frames either way, in the
     opposite order, so that only a tower that reads their order tells the two apart. Optionally a tone."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=rate)
-        stream.width = stream.height = 32
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"flags": "+qscale", "global_quality": str(2 * 118)}  # keep the colours: a fixed quantiser
-        sound = container.add_stream("aac", rate=16_000) if tone else None
-        frames = int(seconds * rate)
-        for f in range(frames):
-            a = f / max(1, frames - 1) if direction > 0 else 1 - f / max(1, frames - 1)
-            image = np.full((32, 32, 3), (int(220 * (1 - a) + 30 * a), 40, int(30 * (1 - a) + 220 * a)), np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-        if sound is not None:
-            t = np.arange(int(seconds * 16_000)) / 16_000
-            samples = (0.3 * np.sin(2 * np.pi * tone * t)).astype(np.float32)[None]
-            for start in range(0, samples.shape[1], 1024):
-                frame = av.AudioFrame.from_ndarray(samples[:, start : start + 1024], format="fltp", layout="mono")
-                frame.sample_rate = 16_000
-                for packet in sound.encode(frame):
-                    container.mux(packet)
-            for packet in sound.encode():
-                container.mux(packet)
-    return path
+    frames = int(seconds * rate)
+    steps = [f / max(1, frames - 1) for f in range(frames)]
+    colours = [(int(220 * (1 - a) + 30 * a), 40, int(30 * (1 - a) + 220 * a)) for a in steps[:: direction]]
+    return write_video(path, colours, seconds_each=1 / rate, rate=rate, tone=tone)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +53,7 @@ def data(tmp_path_factory) -> Path:
         records.append({"key": f"tone-{i}", "audio": f"audio/{i}.wav", "text": f"a {name} tone", "label": name})
     for i in range(32):
         turning = ("blue", "red")[i % 2]
-        write_video(out / "video" / f"{i}.mp4", 1 if turning == "blue" else -1, seconds=float(2 + i % 3))
+        fade(out / "video" / f"{i}.mp4", 1 if turning == "blue" else -1, seconds=float(2 + i % 3))
         records.append({"key": f"clip-{i}", "video": f"video/{i}.mp4", "text": f"the colour turning {turning}"})
     (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     # Untrained, with the image tower's mean over patches (not a class token) pooled: colours embed apart.
@@ -204,7 +182,7 @@ def test_audio_in_every_form_embeds_alike_and_long_clips_are_windowed(hearing, t
 
 def test_videos_are_frames_pooled_and_their_sound_is_heard(data, hearing, tmp_path):
     plain = rosetta.load(data / "base")
-    video = write_video(tmp_path / "clip.mp4", 1, seconds=6.0)
+    video = fade(tmp_path / "clip.mp4", 1, seconds=6.0)
     from rosetta.modalities.video import sample_frames
 
     frames = plain.embed_images(sample_frames(video, fps=1.0, max_frames=8))  # a CLIP pools the mean of 1 frame/s
@@ -213,7 +191,7 @@ def test_videos_are_frames_pooled_and_their_sound_is_heard(data, hearing, tmp_pa
 
     segments = plain.embed_video_segments(video, window=2.0)
     assert [(s, e) for s, e, _ in segments] == [(0.0, 2.0), (2.0, 4.0), (4.0, 6.0)]
-    with_sound = write_video(tmp_path / "tone.mp4", 1, seconds=6.0, tone=440.0)
+    with_sound = fade(tmp_path / "tone.mp4", 1, seconds=6.0, tone=440.0)
     heard, seen = hearing.embed_videos(with_sound)[0], plain.embed_videos(with_sound)[0]
     sound = hearing.embed_audio(with_sound)[0]
     assert torch.allclose(heard, torch.nn.functional.normalize(seen + sound, dim=0), atol=1e-5)
@@ -270,3 +248,28 @@ def test_captions_that_mean_the_same_count_and_emergent_hits_are_by_class():
     # v2 is nearest "moves left", another video's caption saying the same: a hit
     assert metrics["video_to_text_recall@1"] == 1.0 and metrics["video_text_n"] == 3
     assert metrics["audio_to_image_top1"] == 1.0  # a1 is nearest red.png, never paired with it
+
+
+def test_the_bind_quickstart_runs_end_to_end(tmp_path):
+    """`rosetta quickstart --task bind` on a little data, bound to a saved (untrained) image-text model: every
+    stage, the results file with trained and emergent metrics, and a model that classifies a spoken caption."""
+    import subprocess
+    import sys
+
+    from rosetta.data.builtin import make_shapes
+
+    out = tmp_path / "q"
+    make_shapes(out / "data", n=240, seed=0)
+    rosetta.create("tiny").save_pretrained(out / "run" / "model")
+    done = subprocess.run([sys.executable, "-m", "rosetta", "quickstart", "--task", "bind", "--out", str(out),
+                           "--spoken", "96", "--videos", "96", "--epochs", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "emergent spoken caption -> image top-1" in done.stdout and "rosetta classify --model" in done.stdout
+    metrics = json.loads((out / "bind-results.json").read_text())["metrics"]
+    assert {"audio_to_text_recall@1", "video_to_text_recall@1", "audio_to_image_top1", "video_to_image_top1"} <= set(
+        metrics)
+    model = rosetta.load(out / "bind" / "model")
+    assert model.config.audio.seconds == 4.0 and model.config.video.layers == 2  # the recipe's towers
+    clip = next((out / "data" / "audio" / "test").glob("*.wav"))
+    assert model.classify(clip, ["red circle", "blue square"]).shape == (1, 2)

@@ -72,7 +72,7 @@ def test_where_filters_the_results(store, model, photos):
 
 def test_bad_queries_are_refused(store, model):
     for kwargs, message in [
-        ({}, "give a text, an image, or both"),
+        ({}, "give a text, an image, a sound or a video"),
         ({"text": "x", "weights": (0.5, 0.5)}, "give both"),
         ({"text": "x", "image": np.zeros((8, 8, 3), np.uint8), "weights": (-1, 2)}, "non-negative"),
         ({"text": "x", "image": np.zeros((8, 8, 3), np.uint8), "weights": (0, 0)}, "not both zero"),
@@ -113,7 +113,7 @@ def test_cli_search(tmp_path, photos, capsys):
         (["--model", "vit-b-32", "x"], "built with model 'tiny@"),
         (["x", "--where", "width > > 3"], "where 'width > > 3': expected a number or a quoted string"),
         (["x", "--image", str(photos[0]), "--weights", "0.3"], "--weights 0.3: expected two numbers"),
-        ([], "give a text query, --image, or both"),
+        ([], "give a text query, --image, --audio or --video"),
     ]:
         assert main(["search", "--store", store, "--random-init", "--device", "cpu", *args]) == 2
         err = capsys.readouterr().err.strip()

@@ -178,3 +178,54 @@ def test_page_shows_api_errors(server, browser, images):
     driver.find_element(By.ID, "classify-btn").click()
     message = _wait(driver, lambda d: d.find_element(By.ID, "message").text)
     assert "not-an-image.png" in message and "invalid_image" in message
+
+
+@pytest.fixture(scope="module")
+def media_server(tmp_path_factory):
+    """A server with a model that hears, over a store of a recording of two tones and a video of two colours."""
+    from conftest import hearing_model, write_tones, write_video
+
+    from rosetta.serve import Settings, create_app
+    from rosetta.store import open_store
+    from rosetta.store.index import index_source, model_name
+
+    root = tmp_path_factory.mktemp("page-media")
+    write_tones(root / "tones.wav", (300, 1.44), (1500, 1.44))
+    write_video(root / "colours.mp4", [(220, 30, 30), (30, 60, 220)])
+    model = hearing_model()
+    store = open_store(tmp_path_factory.mktemp("page-media-store") / "store", model=model_name(model), dim=64)
+    index_source(model, store, root, progress=False)
+    with serving(create_app(model, store, Settings(api_key=KEY))) as url:
+        yield url, root
+    store.close()
+
+
+def test_page_searches_by_sound_and_cues_recordings_at_the_match(media_server, browser, tmp_path):
+    from conftest import write_tones
+    from selenium.webdriver.common.by import By
+
+    url, root = media_server
+    driver = browser
+    driver.get(url + "/")
+    driver.execute_script(f"localStorage.setItem('rosetta.apiKey', '{KEY}')")
+    driver.get(url + "/")
+    _wait(driver, lambda d: "4 stored" in d.find_element(By.ID, "store").text)  # rows: two windows of each file
+    driver.find_element(By.ID, "search-file").send_keys(str(write_tones(tmp_path / "high.wav", (1500, 1.44))))
+    _wait(driver, lambda d: d.find_element(By.ID, "search-sound").is_displayed())
+    driver.find_element(By.ID, "search-btn").click()
+    cards = _wait(driver, lambda d: d.execute_script("""
+        const cards = [...document.querySelectorAll('#results .result')].map(card => ({
+            name: card.querySelector('.name').title, tag: card.querySelector('.thumb').tagName,
+            src: card.querySelector('.thumb').getAttribute('src') || '', when: card.querySelector('.when').textContent,
+        }));
+        return cards.length === 2 && cards.every(c => c.src.includes('#t=')) ? cards : null;"""))
+    # The recording comes first, cued at its second window; the video is cued at its best window too.
+    assert Path(cards[0]["name"]).name == "tones.wav" and cards[0]["tag"] == "AUDIO"
+    assert cards[0]["src"].startswith("blob:") and cards[0]["src"].endswith("#t=1.44,2.88")
+    assert cards[0]["when"] == "0:01.4 – 0:02.9"
+    assert Path(cards[1]["name"]).name == "colours.mp4" and cards[1]["tag"] == "VIDEO"
+    # The player honours the fragment: once the sound's metadata is in, it stands at the window's start.
+    start = _wait(driver, lambda d: d.execute_script(
+        "const a = document.querySelector('#results audio'); return a.readyState >= 1 ? a.currentTime : null;"))
+    assert start == pytest.approx(1.44, abs=0.05)
+    assert not driver.find_element(By.ID, "message").is_displayed()

@@ -1,7 +1,8 @@
 """The HTTP API: `create_app(model, store, settings)` builds a FastAPI app around one model.
 
-Routes live in routers (`ROUTERS`), each with what it needs of the model: "embed" (the embedding routes,
-through the `BatchedModel`: embedding cache, then the micro-batcher's single model thread) or "generate"
+Routes live in routers (`ROUTERS`), each with what it needs of the model: "embed" (the embedding routes for
+texts, images, sounds and videos, through the `BatchedModel`: embedding cache, then the micro-batcher's single
+model thread) or "generate"
 (OpenAI's text endpoints, through the `TextGenerator`'s continuous batching). A model gets the routers of
 what it can do; a new task adds a router and appends it. Routes reach the model, the store and the
 settings through `services(request)`; errors are JSON with a 4xx status (see `rosetta.serve.common`).
@@ -15,6 +16,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import mimetypes
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from rosetta.errors import InputError, RosettaError
 from rosetta.serve.audio import audio
 from rosetta.serve.auth import require_api_key
-from rosetta.serve.batching import BatchedModel, MicroBatcher, model_runners
+from rosetta.serve.batching import BATCH_LIMITS, BatchedModel, MicroBatcher, embedded_modalities, model_runners
 from rosetta.serve.cache import EmbeddingCache
 from rosetta.serve.common import (
     ApiError,
@@ -116,6 +118,9 @@ class EmbedResponse(BaseModel):
     dim: int
     text_embeddings: list[list[float]] = Field(description="one L2-normalised vector per text, in order")
     image_embeddings: list[list[float]] = Field(description="one L2-normalised vector per image, in upload order")
+    audio_embeddings: list[list[float]] = Field(
+        [], description="one L2-normalised vector per sound, in upload order (a model with an audio tower)")
+    video_embeddings: list[list[float]] = Field([], description="one L2-normalised vector per video, in upload order")
 
 
 class ClassifyResponse(BaseModel):
@@ -130,7 +135,8 @@ class SearchQuery(BaseModel):
     where: str | None = Field(None, description="a metadata filter, e.g. \"width > 512 and format = 'jpeg'\"")
     weights: list[float] | None = Field(
         None, min_length=2, max_length=2,
-        description="[text weight, image weight] when both a text and an image are given (default equal)")
+        description="[text weight, image weight] when both a text and an image (sound, video) are given "
+                    "(default equal)")
 
 
 class SearchHit(BaseModel):
@@ -139,6 +145,9 @@ class SearchHit(BaseModel):
     score: float
     metadata: dict[str, Any]
     thumbnail: str | None = Field(None, description="URL of a thumbnail, for stored images")
+    media: str | None = Field(None, description="URL of the stored file, for sounds and videos")
+    start: float | None = Field(None, description="a sound or video: where its best-matching window starts (s)")
+    end: float | None = Field(None, description="and where it ends (s; null: the end of the file)")
 
 
 class SearchResponse(BaseModel):
@@ -162,7 +171,8 @@ class Health(BaseModel):
 
 class Info(BaseModel):
     model: str
-    capabilities: list[str] = Field(description='"embed" (images and texts), "generate" (text)')
+    capabilities: list[str] = Field(description='"embed" (texts and images, sounds or videos), "generate" (text)')
+    modalities: list[str] = Field(description='what a model that embeds takes: "text", "image", "audio", "video"')
     dim: int | None = Field(description="the embedding dimension, for a model that embeds")
     context_length: int | None = Field(description="tokens of context, for a model that generates")
     store: dict[str, Any] | None
@@ -268,10 +278,11 @@ OPEN_ROUTERS: list[tuple[APIRouter, str | None]] = [(system, None), (embedding_p
 
 
 def capabilities(model) -> set[str]:
-    """What a model can do, as the routers name it: "embed" (images and texts), "generate" (text),
-    "see" (images into text: captions, answers, extraction), "transcribe" (speech)."""
+    """What a model can do, as the routers name it: "embed" (texts, and images or sounds, into one space),
+    "generate" (text), "see" (images into text: captions, answers, extraction), "transcribe" (speech)."""
     can = set()
-    if callable(getattr(model, "embed_images", None)) and callable(getattr(model, "embed_texts", None)):
+    embeds = embedded_modalities(model)
+    if "text" in embeds and embeds & {"image", "audio"}:
         can.add("embed")
     from rosetta.serve.generation import text_model
 
@@ -313,6 +324,7 @@ async def info(request: Request) -> Info:
         limits |= {"max_new_tokens": s.max_new_tokens, "max_sequences": s.max_sequences}
     return Info(
         model=s.model_name, capabilities=sorted(capabilities(svc.model)),
+        modalities=sorted(svc.batched.modalities) if svc.batched is not None else [],
         dim=svc.batched.dim if svc.batched is not None else None,
         context_length=getattr(svc.model, "context_length", None), store=store,
         batching={"enabled": s.batching, "max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms},
@@ -320,39 +332,59 @@ async def info(request: Request) -> Info:
     )
 
 
+_UPLOADS = {"images": "image", "audio": "audio", "videos": "video"}  # /v1/embed's upload fields and their modality
+
+
 @embedding.post(
-    "/embed", response_model=EmbedResponse, summary="embed texts and/or images into the shared space",
-    description="JSON `{\"texts\": [...]}`, or multipart with `texts` fields and `images` file uploads.",
+    "/embed", response_model=EmbedResponse, summary="embed texts, images, sounds and videos into the shared space",
+    description="JSON `{\"texts\": [...]}`, or multipart with `texts` fields and `images`, `audio` and `videos` "
+                "file uploads (sounds need a model with an audio tower).",
     responses=error_responses(400, 413, 415, 422, 503),
     openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": EmbedTexts.model_json_schema()},
         "multipart/form-data": {"schema": _multipart_schema(
-            {"texts": {**_STRINGS, "minItems": 1}, "images": {"type": "array", "items": _BINARY, "minItems": 1}},
-            any_of=[{"required": ["texts"]}, {"required": ["images"]}])},
+            {"texts": {**_STRINGS, "minItems": 1},
+             **{field: {"type": "array", "items": _BINARY, "minItems": 1} for field in _UPLOADS}},
+            any_of=[{"required": ["texts"]}, *({"required": [field]} for field in _UPLOADS)])},
     }}},
 )
 async def embed(request: Request) -> EmbedResponse:
     svc = services(request)
     body, files = await _read_body(request, _EmbedForm, {"texts"})
     texts = body.texts
-    uploads = files.get("images", [])
-    if not texts and not uploads:
-        raise ApiError(422, "empty_request", "give at least one text (texts) or image (images)")
+    uploads = {modality: files.get(field, []) for field, modality in _UPLOADS.items()}
+    if not texts and not any(uploads.values()):
+        raise ApiError(422, "empty_request", "give at least one text (texts), image (images), sound (audio) or "
+                                             "video (videos)")
     _check_count("texts", len(texts), svc.settings.max_items)
-    _check_count("images", len(uploads), svc.settings.max_items)
+    for field, modality in _UPLOADS.items():
+        _check_count(field, len(uploads[modality]), svc.settings.max_items)
     _check_texts(texts, svc.settings.max_text_chars)
     svc.metrics.items.labels("/v1/embed", "text").inc(len(texts))
-    svc.metrics.items.labels("/v1/embed", "image").inc(len(uploads))
-    names, blobs = [name for name, _ in uploads], [blob for _, blob in uploads]
-    text_rows, image_rows = await asyncio.gather(
+    for modality, items in uploads.items():
+        svc.metrics.items.labels("/v1/embed", modality).inc(len(items))
+    text_rows, *media_rows = await asyncio.gather(
         svc.batched.aembed_texts(texts) if texts else _none(),
-        svc.batched.aembed_images(blobs, names) if blobs else _none(),
+        *(_embed_uploads(svc.batched, modality, items) for modality, items in uploads.items()),
     )
+    rows = dict(zip(uploads, media_rows))
     return EmbedResponse(
         model=svc.settings.model_name, dim=svc.batched.dim,
         text_embeddings=text_rows.tolist() if text_rows is not None else [],
-        image_embeddings=image_rows.tolist() if image_rows is not None else [],
+        image_embeddings=rows["image"], audio_embeddings=rows["audio"], video_embeddings=rows["video"],
     )
+
+
+async def _embed_uploads(batched: BatchedModel, modality: str, uploads: list[tuple[str, bytes]]) -> list[list[float]]:
+    """The embeddings of one modality's uploads, as lists; a bad upload is a 4xx naming it."""
+    if not uploads:
+        return []
+    names, blobs = [name for name, _ in uploads], [blob for _, blob in uploads]
+    embed = {"image": batched.aembed_images, "audio": batched.aembed_audio, "video": batched.aembed_videos}[modality]
+    try:
+        return (await embed(blobs, names)).tolist()
+    except InputError as e:
+        raise input_error(e, modality) from None
 
 
 async def _none() -> None:
@@ -364,20 +396,28 @@ class _EmbedForm(BaseModel):  # the JSON body, or the string fields of the multi
 
 
 @embedding.post(
-    "/classify", response_model=ClassifyResponse, summary="zero-shot classify one image against labels",
-    description="Labels may be repeated fields or comma-separated. `templates` is `default`, `imagenet`, "
-                "or one or more prompts with `{}` for the label (averaged).",
+    "/classify", response_model=ClassifyResponse, summary="zero-shot classify one image, sound or video against labels",
+    description="One upload: `image`, `audio` or `video`. Labels may be repeated fields or comma-separated. "
+                "`templates` is `default`, `imagenet`, or one or more prompts with `{}` for the label (averaged); "
+                "without it, images are 'a photo of a {}.' and sounds and videos their labels as they are.",
     responses=error_responses(400, 413, 415, 422, 503),
 )
 async def classify(
     request: Request,
-    image: Annotated[UploadFile, File(description="the image to classify")],
     labels: Annotated[list[str], Form(description="labels, e.g. ['dog', 'cat'] or ['dog,cat']")],
+    image: Annotated[UploadFile | None, File(description="the image to classify")] = None,
+    audio: Annotated[UploadFile | None, File(description="or the sound (a model with an audio tower)")] = None,
+    video: Annotated[UploadFile | None, File(description="or the video")] = None,
     templates: Annotated[list[str], Form(description="'default', 'imagenet', or prompts with {}")] = [],  # noqa: B006
 ) -> ClassifyResponse:
     from rosetta.templates import resolve_templates
 
     svc = services(request)
+    given = {modality: upload for modality, upload in (("image", image), ("audio", audio), ("video", video)) if upload}
+    if len(given) != 1:
+        raise ApiError(422, "invalid_request", "give one upload to classify: image, audio or video"
+                       + (f", not {' and '.join(given)}" if given else ""))
+    (modality, upload), = given.items()
     names = [label.strip() for field_ in labels for label in field_.split(",") if label.strip()]
     if not names:
         raise ApiError(422, "invalid_request", "labels: give at least one non-empty label")
@@ -390,29 +430,33 @@ async def classify(
         if len(templates) == 1 and "{}" not in templates[0]:
             prompts = resolve_templates(templates[0].strip())
         else:
-            prompts = resolve_templates(templates or None)
+            prompts = resolve_templates(templates or None, modality)
         texts = [prompt.format(label) for label in names for prompt in prompts]
     except (ValueError, KeyError, IndexError) as e:
         raise ApiError(422, "invalid_templates", f"templates: {e}") from None
-    svc.metrics.items.labels("/v1/classify", "image").inc()
+    svc.metrics.items.labels("/v1/classify", modality).inc()
     svc.metrics.items.labels("/v1/classify", "text").inc(len(texts))
-    blobs, files = await _read_uploads([image])
-    image_row, text_rows = await asyncio.gather(svc.batched.aembed_images(blobs, files),
-                                                svc.batched.aembed_texts(texts))
-    probs = await run_in_threadpool(_probabilities, svc.model, image_row, text_rows, len(names))
+    blobs, files = await _read_uploads([upload])
+    row, text_rows = await asyncio.gather(_embed_uploads(svc.batched, modality, list(zip(files, blobs))),
+                                          svc.batched.aembed_texts(texts))
+    probs = await run_in_threadpool(_probabilities, svc.model, row, text_rows, len(names), modality)
     best = max(range(len(names)), key=probs.__getitem__)
     return ClassifyResponse(label=names[best], score=probs[best], probs=dict(zip(names, probs)))
 
 
-def _probabilities(model, image_row, text_rows, n_labels: int) -> list[float]:
+def _probabilities(model, row: list[list[float]], text_rows, n_labels: int, modality: str) -> list[float]:
     """Prompt-ensembled label embeddings, then the model's own probabilities (softmax or sigmoid)."""
     import torch
     import torch.nn.functional as F
 
     per_prompt = torch.from_numpy(text_rows).view(n_labels, -1, text_rows.shape[-1])
-    classifier = F.normalize(per_prompt.mean(dim=1), dim=-1)
+    classifier = F.normalize(per_prompt.mean(dim=1), dim=-1).to(model.device)
+    embedding = torch.tensor(row, device=model.device)
     with torch.inference_mode():
-        probs = model.probabilities(torch.from_numpy(image_row).to(model.device), classifier.to(model.device))
+        if hasattr(model, "probabilities"):
+            probs = model.probabilities(embedding, classifier, modality)
+        else:  # a model of sounds only (CLAP): the softmax over labels of its logits, as its classify computes
+            probs = model.logits(embedding, classifier).softmax(dim=-1)
     return [float(p) for p in probs[0].tolist()]
 
 
@@ -422,53 +466,65 @@ def _require_store(svc: Services) -> Any:
     return svc.store
 
 
+_QUERIES = ("image", "audio", "video")  # /v1/search's upload fields: one at most
+
+
 @retrieval.post(
-    "/search", response_model=SearchResponse, summary="nearest stored items to a text and/or an image",
+    "/search", response_model=SearchResponse,
+    summary="nearest stored files to a text, an image, a sound or a video (or a text and one of those)",
     description="JSON `{\"text\", \"k\", \"where\", \"weights\"}`, or multipart with the same fields and an "
-                "`image` upload; with both a text and an image the query mixes them by `weights`.",
+                "`image`, `audio` or `video` upload; with a text and an upload the query mixes them by `weights`. "
+                "A stored sound or video is found by its best-matching window: `start` and `end` say where it is.",
     responses=error_responses(400, 413, 415, 422, 503),
     openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": SearchQuery.model_json_schema()},
         "multipart/form-data": {"schema": _multipart_schema(
-            {"text": {"type": "string"}, "image": _BINARY, "k": {"type": "integer", "minimum": 1},
+            {"text": {"type": "string"}, **dict.fromkeys(_QUERIES, _BINARY), "k": {"type": "integer", "minimum": 1},
              "where": {"type": "string"},
              "weights": {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}},
-            any_of=[{"required": ["text"]}, {"required": ["image"]}])},
+            any_of=[{"required": ["text"]}, *({"required": [field]} for field in _QUERIES)])},
     }}},
 )
 async def search_route(request: Request) -> SearchResponse:
     svc = services(request)
     store = _require_store(svc)
     query, files = await _read_body(request, SearchQuery, {"weights"})
-    uploads = files.get("image", [])
-    _check_count("images", len(uploads), 1)
+    uploads = [(modality, upload) for modality in _QUERIES for upload in files.get(modality, [])]
+    _check_count("image, sound or video uploads", len(uploads), 1)
     if query.text is None and not uploads:
-        raise ApiError(422, "empty_request", "give a text, an image, or both")
+        raise ApiError(422, "empty_request", "give a text, an image, a sound or a video")
     if query.text is not None:
         _check_texts([query.text], svc.settings.max_text_chars)
     if query.k > svc.settings.max_k:
         raise ApiError(413, "too_many_items", f"k={query.k}; the limit is {svc.settings.max_k}")
     if query.weights is not None and (any(w != w or w < 0 for w in query.weights) or sum(query.weights) <= 0):
         raise ApiError(422, "invalid_weights", "weights: two non-negative numbers, not both zero")
-    image = None
+    media: dict[str, bytes] = {}
     if uploads:
-        name, image = uploads[0]
-        await _check_images(svc, [image], [name])
+        modality, (name, blob) = uploads[0]
+        try:  # refused here, named, before the model thread sees it
+            if modality == "image":
+                await _check_images(svc, [blob], [name])
+            else:
+                await run_in_threadpool(svc.batched.check, modality, blob, name)
+        except InputError as e:
+            raise input_error(e, modality) from None
+        media[modality] = blob
     svc.metrics.items.labels("/v1/search", "text").inc(query.text is not None)
-    svc.metrics.items.labels("/v1/search", "image").inc(image is not None)
-    hits = await run_in_threadpool(_search, svc, store, query, image)
+    for modality in _QUERIES:
+        svc.metrics.items.labels("/v1/search", modality).inc(modality in media)
+    hits = await run_in_threadpool(_search, svc, store, query, media)
     return SearchResponse(hits=hits)
 
 
-def _search(svc: Services, store: Any, query: SearchQuery, image: bytes | None) -> list[SearchHit]:
+def _search(svc: Services, store: Any, query: SearchQuery, media: dict[str, bytes]) -> list[SearchHit]:
     from rosetta.search import search
 
     weights = tuple(query.weights) if query.weights is not None else None
     try:
-        hits = search(svc.batched, store, text=query.text, image=image, weights=weights, k=query.k,
-                      where=query.where)
+        hits = search(svc.batched, store, text=query.text, weights=weights, k=query.k, where=query.where, **media)
     except InputError as e:
-        raise input_error(e) from None
+        raise input_error(e, next(iter(media), "image")) from None
     except (RosettaError, ValueError) as e:
         raise ApiError(422, "invalid_query", str(e)) from None
     return [_hit(hit) for hit in hits]
@@ -477,9 +533,13 @@ def _search(svc: Services, store: Any, query: SearchQuery, image: bytes | None) 
 def _hit(hit: Any) -> SearchHit:
     metadata = dict(hit.metadata or {})
     path = metadata.get("path")
+    url = quote(hit.id, safe="/")
+    recording = "media" in metadata  # a sound or a video, found by one of its windows
     return SearchHit(id=hit.id, path=str(path) if path is not None else None, score=float(hit.score),
                      metadata=_jsonable(metadata),
-                     thumbnail=f"/v1/thumbnail/{quote(hit.id, safe='/')}" if path else None)
+                     thumbnail=f"/v1/thumbnail/{url}" if path and not recording else None,
+                     media=f"/v1/media/{url}" if path and recording else None,
+                     start=metadata.get("start"), end=metadata.get("end"))
 
 
 def _jsonable(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -582,6 +642,26 @@ async def thumbnail(request: Request, id: Annotated[str, PathParam(description="
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
 
+@retrieval.get(
+    "/media/{id:path}", summary="a stored sound or video file, as it is (only files in the store are served)",
+    response_class=FileResponse,
+    responses={200: {"content": {"audio/*": {}, "video/*": {}}, "description": "the file; byte ranges honoured"},
+               **error_responses(404, 422, 503)},
+)
+async def media_file(request: Request, id: Annotated[str, PathParam(description="a stored file's id")]) -> FileResponse:
+    from rosetta.store.index import segment_id
+
+    store = _require_store(services(request))
+    found = await run_in_threadpool(store.metadata, [segment_id(id, 0)])  # a recording's first window names it
+    path = Path(found[segment_id(id, 0)]["path"]) if found else None
+    if path is None:
+        raise ApiError(404, "not_found", f"no stored sound or video with id {id!r}")
+    if not path.is_file():
+        raise ApiError(404, "not_found", f"the stored file {path.name} is gone")
+    return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream",
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+
 def _thumbnail(path: Path, settings: Settings) -> bytes:
     from rosetta.modalities.image import load_image
 
@@ -621,8 +701,9 @@ def create_app(model, store=None, settings: Settings | None = None) -> FastAPI:
         svc.cache = EmbeddingCache(settings.cache_size)
         svc.batcher = MicroBatcher(model_runners(model), max_batch=settings.max_batch,
                                    max_wait_ms=settings.max_wait_ms, enabled=settings.batching,
-                                   max_queue=settings.max_queue, metrics=metrics_)
-        svc.batched = BatchedModel(model, svc.batcher, svc.cache, settings.model_name, settings.max_pixels, metrics_)
+                                   max_queue=settings.max_queue, metrics=metrics_, batch_limits=BATCH_LIMITS)
+        svc.batched = BatchedModel(model, svc.batcher, svc.cache, settings.model_name, settings.max_pixels, metrics_,
+                                   max_seconds=settings.max_audio_seconds)
     if "generate" in can:
         from rosetta.serve.generation import TextGenerator, text_model
 

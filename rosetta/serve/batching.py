@@ -6,9 +6,12 @@ the batch holds `max_batch` inputs or `max_wait_ms` have passed since that job a
 model once, and hands each job its rows. With batching off each job runs alone (one request's
 inputs per call), which is the baseline the benchmark compares against.
 
+Videos run one to a batch (`batch_limits`): the model embeds them one by one anyway, and one that
+fails to decode must fail alone.
+
 `BatchedModel` is the model as the server's handlers see it: the embedding cache first, then the
-batcher. It offers `embed_texts` / `embed_images` like the model does, so library functions that
-take a model (search, indexing) run through the same worker and cache.
+batcher. It offers `embed_texts` / `embed_images` / `embed_audio` / `embed_videos` like the model
+does, so library functions that take a model (search, indexing) run through the same worker and cache.
 """
 
 from __future__ import annotations
@@ -52,13 +55,16 @@ class MicroBatcher:
     """Gathers jobs per modality into bounded batches and runs them on one worker thread."""
 
     def __init__(self, runners: dict[str, Runner], max_batch: int = 32, max_wait_ms: float = 5.0,
-                 enabled: bool = True, max_queue: int = 4096, metrics: Metrics | None = None):
+                 enabled: bool = True, max_queue: int = 4096, metrics: Metrics | None = None,
+                 batch_limits: dict[str, int] | None = None):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if max_wait_ms < 0:
             raise ValueError("max_wait_ms must be >= 0")
         self.runners = runners
         self.max_batch = max_batch
+        # Inputs per model call of each modality, where fewer than max_batch.
+        self.limits = {m: min(max_batch, (batch_limits or {}).get(m, max_batch)) for m in runners}
         self.max_wait = max_wait_ms / 1000
         self.enabled = enabled
         self.max_queue = max_queue
@@ -90,7 +96,8 @@ class MicroBatcher:
         """Queue `items`, split into jobs of at most `max_batch`; each future gives its rows as an array."""
         if modality not in self._queues:
             raise ValueError(f"no runner for modality {modality!r}")
-        jobs = [_Job(list(items[i : i + self.max_batch])) for i in range(0, len(items), self.max_batch)]
+        size = self.limits[modality]
+        jobs = [_Job(list(items[i : i + size])) for i in range(0, len(items), size)]
         with self._cond:
             if self._stopping:
                 raise Overloaded("the server is shutting down")
@@ -136,9 +143,9 @@ class MicroBatcher:
             size = len(jobs[0].items)
             if self.enabled:
                 deadline = jobs[0].enqueued + self.max_wait
-                while size < self.max_batch:
+                while size < self.limits[modality]:
                     if queue:
-                        if size + len(queue[0].items) > self.max_batch:
+                        if size + len(queue[0].items) > self.limits[modality]:
                             break
                         jobs.append(queue.popleft())
                         size += len(jobs[-1].items)
@@ -181,8 +188,25 @@ def _concat(parts: Sequence[np.ndarray]) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
+def embedded_modalities(model) -> set[str]:
+    """What a model embeds: of "text", "image", "audio" and "video", those it has the calls (and the towers) for."""
+    calls = {"text": "embed_texts", "image": "embed_images", "audio": "embed_audio", "video": "embed_videos"}
+    can = {modality for modality, call in calls.items() if callable(getattr(model, call, None))}
+    if "audio" not in getattr(model, "bound_modalities", ("audio",)):  # a CLIP hears only with a bound audio tower
+        can.discard("audio")
+    return can
+
+
+# Videos one per model call: see the module docstring.
+BATCH_LIMITS = {"video": 1}
+# What a model that lacks a modality answers when given one.
+CANNOT = {"image": "this model does not embed images", "audio": "this model has no audio tower: it cannot embed sounds",
+          "video": "this model does not embed videos"}
+
+
 def model_runners(model) -> dict[str, Runner]:
-    """What the worker runs: preprocessed pixels [3, H, W] or strings in, normalised float32 rows out."""
+    """What the worker runs, for each modality the model embeds: preprocessed pixels [3, H, W], strings, or a
+    sound's or video's file bytes in; normalised float32 rows out."""
 
     def images(pixels: list[torch.Tensor]) -> np.ndarray:
         return model.embed_images(torch.stack(pixels), batch_size=len(pixels)).cpu().numpy()
@@ -190,20 +214,30 @@ def model_runners(model) -> dict[str, Runner]:
     def texts(strings: list[str]) -> np.ndarray:
         return model.embed_texts(strings, batch_size=len(strings)).cpu().numpy()
 
-    return {"image": images, "text": texts}
+    def audio(files: list[bytes]) -> np.ndarray:
+        return model.embed_audio(files, batch_size=len(files)).cpu().numpy()
+
+    def videos(files: list[bytes]) -> np.ndarray:
+        return model.embed_videos(files).cpu().numpy()
+
+    runners = {"image": images, "text": texts, "audio": audio, "video": videos}
+    return {modality: runners[modality] for modality in embedded_modalities(model)}
 
 
 class BatchedModel:
-    """Embeddings through the cache and the micro-batcher; bad images raise InputError naming them."""
+    """Embeddings through the cache and the micro-batcher; bad images, sounds and videos raise InputError naming
+    them (before they join a batch)."""
 
     def __init__(self, model, batcher: MicroBatcher, cache: EmbeddingCache, name: str,
-                 max_pixels: int = MAX_PIXELS, metrics: Metrics | None = None):
+                 max_pixels: int = MAX_PIXELS, metrics: Metrics | None = None, max_seconds: float | None = None):
         self.model = model
         self.batcher = batcher
         self.cache = cache
         self.name = name
         self.max_pixels = max_pixels
+        self.max_seconds = max_seconds  # the longest sound or video accepted
         self.metrics = metrics
+        self.modalities = embedded_modalities(model)
 
     @property
     def config(self):
@@ -269,6 +303,7 @@ class BatchedModel:
 
     def preprocess(self, image: ImageInput, name: str | None = None) -> torch.Tensor:
         """Decode (refusing more than `max_pixels`) and preprocess one image into pixels [3, H, W]."""
+        self._require("image")
         try:
             rgb = load_image(image, max_pixels=self.max_pixels)
         except InputError as e:
@@ -277,6 +312,63 @@ class BatchedModel:
             reason = str(e).split(": ", 1)[-1]
             raise InputError(f"{name}: {reason}") from None
         return preprocess(rgb, self.model.config.vision.image_size, self.model.config.image)
+
+    # Sounds and videos: file bytes (uploads); checked here, decoded by the model in the batcher
+
+    def embed_audio(self, audio: bytes | Sequence[bytes], batch_size: int | None = None,
+                    progress: bool | None = None) -> torch.Tensor:
+        """Like the model's `embed_audio`, for encoded sounds, through the cache and the batcher; blocking."""
+        return torch.from_numpy(self._embed_files("audio", [audio] if isinstance(audio, bytes) else list(audio)))
+
+    def embed_videos(self, videos: bytes | Sequence[bytes], progress: bool | None = None) -> torch.Tensor:
+        """Like the model's `embed_videos`, for encoded videos, through the cache and the batcher; blocking."""
+        return torch.from_numpy(self._embed_files("video", [videos] if isinstance(videos, bytes) else list(videos)))
+
+    async def aembed_audio(self, blobs: Sequence[bytes], names: Sequence[str]) -> np.ndarray:
+        return await self._aembed_files("audio", list(blobs), list(names))
+
+    async def aembed_videos(self, blobs: Sequence[bytes], names: Sequence[str]) -> np.ndarray:
+        return await self._aembed_files("video", list(blobs), list(names))
+
+    def check(self, modality: str, blob: bytes, name: str) -> None:
+        """Refuse a sound or video the model cannot take: no tower for it, not decodable, no audio track, or
+        longer than `max_seconds`; InputError naming it."""
+        from rosetta.modalities.audio import load_audio
+        from rosetta.modalities.video import video_duration
+
+        self._require(modality)
+        try:
+            if modality == "audio":
+                # Decoded once here so that a bad sound is refused alone; the model decodes it again at its rate.
+                load_audio(blob, max_seconds=self.max_seconds)
+            else:
+                seconds = video_duration(blob)
+                if self.max_seconds is not None and seconds > self.max_seconds:
+                    raise InputError(f"longer than the limit of {self.max_seconds:g} s")
+        except InputError as e:
+            raise InputError(f"{name}: {str(e).removeprefix(f'<{len(blob)} bytes>: ')}") from None
+
+    def _require(self, modality: str) -> None:
+        if modality not in self.modalities:
+            raise InputError(CANNOT[modality])
+
+    def _embed_files(self, modality: str, blobs: list[bytes]) -> np.ndarray:
+        found, keys, missing = self._lookup(modality, blobs)
+        if missing:
+            for i in missing:
+                self.check(modality, blobs[i], f"{modality} {i}")
+            self._fill(modality, found, keys, missing, self.batcher.run(modality, [blobs[i] for i in missing]))
+        return self._stack(found)
+
+    async def _aembed_files(self, modality: str, blobs: list[bytes], names: list[str]) -> np.ndarray:
+        from starlette.concurrency import run_in_threadpool
+
+        found, keys, missing = await run_in_threadpool(self._lookup, modality, blobs)
+        if missing:
+            await run_in_threadpool(lambda: [self.check(modality, blobs[i], names[i]) for i in missing])
+            rows = await self.batcher.arun(modality, [blobs[i] for i in missing])
+            self._fill(modality, found, keys, missing, rows)
+        return self._stack(found)
 
     # The cache
 

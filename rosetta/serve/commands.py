@@ -16,7 +16,8 @@ def register(sub) -> None:
     p = sub.add_parser(
         "serve", help="serve embeddings, classification and search over HTTP, with a web page",
         description="An HTTP API (its OpenAPI spec at /openapi.json) and a web page at / for one model. "
-                    "An embedding model: POST /v1/embed, /v1/classify, /v1/search, /v1/index. A language model: "
+                    "An embedding model: POST /v1/embed, /v1/classify, /v1/search (texts, images, sounds, videos), "
+                    "/v1/index; GET /v1/media for stored sounds and videos. A language model: "
                     "OpenAI's POST /v1/chat/completions and /v1/completions (continuous batching; stream: true "
                     "for server-sent events). Both: GET /healthz, /metrics, /v1/info. "
                     "Listens on 127.0.0.1 unless --host says otherwise.")
@@ -72,12 +73,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sock = _listen(args.host, args.port)  # bound before the model loads: a busy port fails fast
     model = model_from_args(args)
     store = None
-    if args.store and not callable(getattr(model, "embed_images", None)):
-        raise RosettaError(f"--store: {args.model} does not embed images, so it cannot search a store")
     if args.store:
+        from rosetta.serve.app import capabilities
         from rosetta.store import open_store
         from rosetta.store.index import model_name
 
+        if "embed" not in capabilities(model):
+            raise RosettaError(f"--store: {args.model} does not embed images or sounds, so it cannot search a store")
         store = open_store(args.store, model=model_name(model), dim=model.config.embed_dim)
     app = create_app(model, store, settings)
     host, port = sock.getsockname()[:2]

@@ -3,8 +3,8 @@ errors as JSON `{"error": {"code", "message"}}`.
 
 Errors have a 4xx status for anything a client can cause: a missing or wrong API key (401), a body over
 the size limit (413, checked on Content-Length and again while the body streams in), too many inputs or
-pixels (413), an image that does not decode or a malformed request (422), an unsupported content type
-(415), an overloaded model queue (503).
+pixels or seconds of sound (413), an image, sound or video that does not decode, one the model has no
+tower for, or a malformed request (422), an unsupported content type (415), an overloaded model queue (503).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from rosetta.errors import InputError
-from rosetta.serve.batching import Overloaded
+from rosetta.serve.batching import CANNOT, Overloaded
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Settings:
     thumbnail_size: int = 256
     max_new_tokens: int = 4096  # the most tokens one completion may ask for
     max_sequences: int = 8  # sequences a language model decodes together (continuous batching)
-    max_audio_seconds: float = 2 * 3600.0  # the longest recording one transcription request may send
+    max_audio_seconds: float = 2 * 3600.0  # the longest recording (sound or video) one request may send
     allow_remote_images: bool = False  # fetch http(s) image URLs named in requests (off: no request forgery)
 
 
@@ -100,11 +100,18 @@ def error_json(status: int, code: str, message: str, headers: dict[str, str] | N
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-def input_error(e: InputError) -> ApiError:
-    """A bad input: 413 for an image over the pixel limit, 422 for anything else."""
+def input_error(e: InputError, modality: str = "image") -> ApiError:
+    """A bad input of `modality`: 413 for an image over the pixel limit or a sound or video over the length
+    limit, 422 for anything else (unsupported_input for a modality the model has no tower for)."""
     message = str(e)
     if "decompression bomb" in message or "exceeds the limit" in message:
         return ApiError(413, "image_too_large", message)
+    if "longer than the limit" in message:
+        return ApiError(413, f"{modality}_too_long", message)
+    if message in CANNOT.values():
+        return ApiError(422, "unsupported_input", message)
+    if modality != "image":
+        return ApiError(422, f"invalid_{modality}", message)
     return ApiError(422, "invalid_image" if "image" in message else "invalid_input", message)
 
 

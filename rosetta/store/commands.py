@@ -1,4 +1,5 @@
-"""`rosetta index` and `rosetta search`: build a store from images, query it with text and/or an image."""
+"""`rosetta index` and `rosetta search`: build a store from images, sounds and videos; query it with a text, an
+image, a sound or a video (or a text and one of those)."""
 
 from __future__ import annotations
 
@@ -12,25 +13,34 @@ from rosetta.errors import RosettaError
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "index", help="embed a folder or manifest of images into a store",
-        description="Embed images into a store (created on first use). SOURCE is a folder (searched recursively) "
-                    "or a manifest (.jsonl, .csv, .tsv, .parquet) with an 'image' column; its other columns are "
-                    "stored as metadata. Incremental: a rerun embeds only new or changed files (by sha256) and "
-                    "removes the source's deleted files. Each batch is committed at once, so an interrupted run "
-                    "loses nothing and a rerun resumes.")
-    p.add_argument("source", metavar="SOURCE", help="a folder of images, or a manifest with an 'image' column")
+        "index", help="embed a folder or manifest of images, sounds and videos into a store",
+        description="Embed images, sounds and videos into a store (created on first use). SOURCE is a folder "
+                    "(searched recursively) or a manifest (.jsonl, .csv, .tsv, .parquet) with an 'image', 'audio' "
+                    "or 'video' column; its other columns are stored as metadata. A sound or a video is stored "
+                    "window by window (its start and end seconds in the metadata), so that a search finds the "
+                    "moment that matches; sounds need a model with an audio tower. Incremental: a rerun embeds "
+                    "only new or changed files (by sha256) and removes the source's deleted files. Each batch of "
+                    "images and each sound or video is committed at once, so an interrupted run loses nothing and "
+                    "a rerun resumes.")
+    p.add_argument("source", metavar="SOURCE",
+                   help="a folder of images, sounds and videos, or a manifest with an 'image', 'audio' or 'video' "
+                        "column")
     p.add_argument("--store", "-s", required=True,
                    help="the store: a directory (embedded, created if missing) or milvus://host:port/collection")
     add_model_args(p)
     p.set_defaults(run=cmd_index)
 
     p = sub.add_parser(
-        "search", help="search a store with a text, an image, or both",
-        description="Print the nearest stored items, one JSON line each (id, path, score, metadata), best first. "
-                    "With a text and an image, the query is their weighted sum (--weights TEXT,IMAGE).")
+        "search", help="search a store with a text, an image, a sound or a video",
+        description="Print the nearest stored files, one JSON line each (id, path, score, metadata), best first; "
+                    "a sound or a video with the start and end seconds of its best-matching window. With a text "
+                    "and an image (sound, video), the query is their weighted sum (--weights TEXT,IMAGE).")
     p.add_argument("text", nargs="?", help="a text query, e.g. 'a dog on a beach'")
     p.add_argument("--image", "-i", help="an image query (a file)")
-    p.add_argument("--weights", help="with a text and an image: their weights, e.g. 0.3,0.7 (default 0.5,0.5)")
+    p.add_argument("--audio", "-a", help="a sound query (a file; needs a model with an audio tower)")
+    p.add_argument("--video", help="a video query (a file)")
+    p.add_argument("--weights",
+                   help="with a text and an image (sound, video): their weights, e.g. 0.3,0.7 (default 0.5,0.5)")
     p.add_argument("--k", "-k", type=int, default=10, help="how many results (default: 10)")
     p.add_argument("--where", "-w",
                    help="a metadata filter, e.g. \"width > 512 and (format = 'jpeg' or format = 'png')\"")
@@ -64,8 +74,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from rosetta.store import open_store, parse_where
     from rosetta.store.base import split_model
 
-    if args.text is None and args.image is None:
-        raise RosettaError("search: give a text query, --image, or both")
+    if args.text is None and args.image is None and args.audio is None and args.video is None:
+        raise RosettaError("search: give a text query, --image, --audio or --video")
     weights = _weights(args.weights)
     if args.where:
         parse_where(args.where)
@@ -73,12 +83,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     try:
         args.model = args.model or split_model(store.model)[0]
         model = model_from_args(args)
-        hits = search(model, store, text=args.text, image=args.image, weights=weights, k=args.k, where=args.where)
+        hits = search(model, store, text=args.text, image=args.image, weights=weights, k=args.k, where=args.where,
+                      audio=args.audio, video=args.video)
     finally:
         store.close()
     for hit in hits:
-        line = {"id": hit.id, "path": hit.metadata.get("path"), "score": round(hit.score, 6), "metadata": hit.metadata}
-        print(json.dumps(line, ensure_ascii=False), flush=True)
+        line = {"id": hit.id, "path": hit.metadata.get("path"), "score": round(hit.score, 6)}
+        if "start" in hit.metadata:  # a sound's or video's best window
+            line |= {"start": hit.metadata["start"], "end": hit.metadata["end"]}
+        print(json.dumps(line | {"metadata": hit.metadata}, ensure_ascii=False), flush=True)
     return 0
 
 

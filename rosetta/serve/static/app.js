@@ -1,9 +1,16 @@
-// Rosetta's page: search by text and/or image, zero-shot classification, uploads. No build step, no dependencies.
+// Rosetta's page: search by text and/or an image, a sound or a video; zero-shot classification; uploads. Sounds and
+// videos found play from their best-matching window. No build step, no dependencies.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const KEY = "rosetta.apiKey";
-const state = { searchImage: null, classifyImage: null, thumbs: [], infoFailed: false };
+const state = { searchFile: null, classifyImage: null, thumbs: [], infoFailed: false };
+
+// What an upload is, as the API names its fields: "image", "audio" or "video".
+function kindOf(file) {
+  const type = (file.type || "").split("/")[0];
+  return type === "audio" || type === "video" ? type : "image";
+}
 
 function headers() {
   const key = localStorage.getItem(KEY);
@@ -48,13 +55,19 @@ async function refreshInfo() {
 }
 
 // Image pickers: a label around a file input, plus drag-and-drop onto it.
-function picker(dropId, inputId, previewId, onPick) {
-  const drop = $(dropId), input = $(inputId), preview = $(previewId);
+// A sound or a video is previewed by `soundId`'s player, where the picker has one.
+function picker(dropId, inputId, previewId, onPick, soundId = null) {
+  const drop = $(dropId), input = $(inputId), preview = $(previewId), sound = soundId && $(soundId);
   const take = (file) => {
     if (!file) return;
-    if (preview.src) URL.revokeObjectURL(preview.src);
-    preview.src = URL.createObjectURL(file);
-    preview.hidden = false;
+    const shown = sound && kindOf(file) !== "image" ? sound : preview;
+    for (const element of [preview, sound]) {
+      if (!element) continue;
+      if (element.src) URL.revokeObjectURL(element.src);
+      element.removeAttribute("src");
+      element.hidden = element !== shown;
+    }
+    shown.src = URL.createObjectURL(file);
     onPick(file);
   };
   input.addEventListener("change", () => take(input.files[0]));
@@ -66,11 +79,15 @@ function picker(dropId, inputId, previewId, onPick) {
     take(e.dataTransfer.files[0]);
   });
   drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); } });
-  return () => { input.value = ""; preview.hidden = true; preview.removeAttribute("src"); onPick(null); };
+  return () => {
+    input.value = "";
+    for (const element of [preview, sound]) if (element) { element.hidden = true; element.removeAttribute("src"); }
+    onPick(null);
+  };
 }
 
 function updateWeights() {
-  const both = Boolean($("query-text").value.trim() && state.searchImage);
+  const both = Boolean($("query-text").value.trim() && state.searchFile);
   $("weight").disabled = !both;
   const image = Number($("weight").value);
   $("weight-label").textContent = both ? `${100 - image} / ${image}` : "—";
@@ -78,18 +95,18 @@ function updateWeights() {
 
 async function search() {
   const text = $("query-text").value.trim();
-  if (!text && !state.searchImage) { show("Type a query or choose an image first."); return; }
+  if (!text && !state.searchFile) { show("Type a query or choose an image, a sound or a video first."); return; }
   const k = Number($("k").value), where = $("where").value.trim();
   const image = Number($("weight").value) / 100;
   let request;
-  if (state.searchImage) {
+  if (state.searchFile) {
     const form = new FormData();
     if (text) {
       form.append("text", text);
       form.append("weights", String(1 - image));
       form.append("weights", String(image));
     }
-    form.append("image", state.searchImage);
+    form.append(kindOf(state.searchFile), state.searchFile);
     form.append("k", String(k));
     if (where) form.append("where", where);
     request = { method: "POST", body: form };
@@ -120,9 +137,10 @@ function renderHits(hits) {
     const card = document.createElement("figure");
     card.className = "result";
     card.style.margin = "0";
-    const img = document.createElement("img");
+    const recording = Boolean(hit.media);
+    const img = document.createElement(recording ? (hit.metadata.media === "audio" ? "audio" : "video") : "img");
     img.className = "thumb";
-    img.alt = hit.path || hit.id;
+    if (recording) img.controls = true; else img.alt = hit.path || hit.id;
     const meta = document.createElement("figcaption");
     meta.className = "meta";
     const name = document.createElement("span");
@@ -134,8 +152,34 @@ function renderHits(hits) {
     score.textContent = hit.score.toFixed(3);
     meta.append(name, score);
     card.append(img, meta);
+    if (recording) {
+      const when = document.createElement("div");
+      when.className = "when";
+      when.textContent = `${clock(hit.start)} – ${hit.end === null ? "end" : clock(hit.end)}`;
+      card.append(when);
+    }
     grid.append(card);
     if (hit.thumbnail) loadThumb(img, hit.thumbnail);
+    if (recording) loadMedia(img, hit.media, hit.start, hit.end);
+  }
+}
+
+function clock(seconds) {
+  const s = Math.max(0, seconds);
+  return `${Math.floor(s / 60)}:${(s % 60).toFixed(1).padStart(4, "0")}`;
+}
+
+// A sound or video found: fetched with the API key (a media element could not send it), then cued at the matched
+// window with a media fragment (#t=start,end), so that playing it plays that window.
+async function loadMedia(player, url, start, end) {
+  try {
+    const blob = await (await api(url)).blob();
+    const src = URL.createObjectURL(blob);
+    state.thumbs.push(src);
+    player.preload = "metadata";
+    player.src = `${src}#t=${start}${end === null ? "" : `,${end}`}`;
+  } catch (e) {
+    player.title = `cannot load it: ${e.message}`;
   }
 }
 
@@ -234,10 +278,10 @@ function init() {
     refreshInfo();
   });
   const clearSearch = picker("search-drop", "search-file", "search-preview", (file) => {
-    state.searchImage = file;
+    state.searchFile = file;
     $("search-clear").hidden = !file;
     updateWeights();
-  });
+  }, "search-sound");
   $("search-clear").addEventListener("click", clearSearch);
   picker("classify-drop", "classify-file", "classify-preview", (file) => { state.classifyImage = file; });
   $("query-text").addEventListener("input", updateWeights);
