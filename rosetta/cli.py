@@ -54,12 +54,20 @@ def model_from_args(args: argparse.Namespace):
     return model
 
 
-def decoded_images(inputs: Sequence[str], batch_size: int, failures: list[str]) -> Iterator[tuple[list[str], list]]:
-    """Batches of (paths, RGB images) of the inputs that decode; the others are reported and counted."""
-    from rosetta.modalities.image import find_images, load_image
+def decoded_inputs(inputs: Sequence[str], batch_size: int, failures: list[str]
+                   ) -> Iterator[tuple[str, list[str], list]]:
+    """(modality, paths, items) batches of the inputs: images decoded, `batch_size` at a time; sounds and videos
+    one file each, as paths (the model decodes them as it embeds). Images that do not decode are reported and
+    counted here, sounds and videos by `embedded`."""
+    from rosetta.modalities.image import load_image
+    from rosetta.modalities.sniff import find_media, modality_of
 
     paths, images = [], []
-    for path in find_images(inputs):
+    for path in find_media(inputs):
+        modality = modality_of(path)
+        if modality != "image":
+            yield modality, [str(path)], [path]
+            continue
         try:
             images.append(load_image(path))
             paths.append(str(path))
@@ -67,10 +75,20 @@ def decoded_images(inputs: Sequence[str], batch_size: int, failures: list[str]) 
             fail(str(e))
             failures.append(str(path))
         if len(images) == batch_size:
-            yield paths, images
+            yield "image", paths, images
             paths, images = [], []
     if images:
-        yield paths, images
+        yield "image", paths, images
+
+
+def embedded(model, modality: str, paths: list[str], items: list, batch_size: int, failures: list[str]):
+    """The inputs' embeddings, or None (reported and counted) when a sound or video cannot be embedded."""
+    try:
+        return model.embed(items, modality=modality, batch_size=batch_size)
+    except InputError as e:
+        fail(str(e) if paths[0] in str(e) else f"{paths[0]}: {e}")
+        failures.extend(paths)
+        return None
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -86,13 +104,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
         vectors = model.embed_texts(names, batch_size=args.batch_size).cpu().numpy()
     else:
         names, chunks = [], []
-        for paths, images in decoded_images(args.inputs, args.batch_size, failures):
-            names += paths
-            chunks.append(model.embed_images(images, batch_size=args.batch_size).cpu().numpy())
+        for modality, paths, items in decoded_inputs(args.inputs, args.batch_size, failures):
+            vectors = embedded(model, modality, paths, items, args.batch_size, failures)
+            if vectors is not None:
+                names += paths
+                chunks.append(vectors.cpu().numpy())
         vectors = np.concatenate(chunks) if chunks else np.zeros((0, model.config.embed_dim), np.float32)
     _write_embeddings(out, names, vectors.astype(np.float32), "text" if args.text else "path")
     print(f"wrote {len(names)} embeddings of dimension {vectors.shape[1]} to {out}", file=sys.stderr)
     return 1 if failures else 0
+
 
 
 def _write_embeddings(out: Path, names: list[str], vectors, key: str) -> None:
@@ -122,10 +143,15 @@ def cmd_classify(args: argparse.Namespace) -> int:
         raise RosettaError("--labels: give at least one label, e.g. --labels 'dog,cat,car'")
     model = model_from_args(args)
     templates = args.template or args.templates
-    classifier = model.classifier(labels, templates)
+    classifiers = {}  # per modality: images are "a photo of a {}", sounds and videos their labels as they are
     failures: list[str] = []
-    for paths, images in decoded_images(args.images, args.batch_size, failures):
-        probs = model.probabilities(model.embed_images(images, batch_size=args.batch_size), classifier)
+    for modality, paths, items in decoded_inputs(args.images, args.batch_size, failures):
+        vectors = embedded(model, modality, paths, items, args.batch_size, failures)
+        if vectors is None:
+            continue
+        if modality not in classifiers:
+            classifiers[modality] = model.classifier(labels, templates, modality)
+        probs = model.probabilities(vectors, classifiers[modality], modality)
         for path, row in zip(paths, probs.tolist()):
             best = max(range(len(labels)), key=row.__getitem__)
             line = {"path": path, "label": labels[best], "score": round(row[best], 6),
@@ -154,22 +180,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rosetta {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("embed", help="embed images or texts into the shared space",
-                       description="Embed images (files or directories, recursively) or, with --text, strings. "
-                                   "Writes L2-normalised vectors to a .npy array or a .parquet table with the inputs.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or directories; strings with --text")
-    p.add_argument("--text", action="store_true", help="the inputs are strings to embed, not image paths")
+    p = sub.add_parser("embed", help="embed images, sounds, videos or texts into the shared space",
+                       description="Embed images, sounds and videos (files or directories, recursively; sounds need a "
+                                   "model with an audio tower) or, with --text, strings. Writes L2-normalised vectors "
+                                   "to a .npy array or a .parquet table with the inputs.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files or directories; strings with --text")
+    p.add_argument("--text", action="store_true", help="the inputs are strings to embed, not file paths")
     p.add_argument("--out", "-o", required=True, help="output: .npy (array [N, D]) or .parquet (input + embedding)")
     add_model_args(p)
     p.set_defaults(run=cmd_embed)
 
-    p = sub.add_parser("classify", help="zero-shot classify images against labels you type",
-                       description="Zero-shot classification: prints one JSON line per image with "
+    p = sub.add_parser("classify", help="zero-shot classify images, sounds or videos against labels you type",
+                       description="Zero-shot classification: prints one JSON line per image, sound or video with "
                                    "path, label, score and the probability of every label.")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or directories (recursive)")
+    p.add_argument("images", nargs="+", metavar="INPUT", help="image, sound or video files, or directories (recursive)")
     p.add_argument("--labels", "-l", required=True, help="comma-separated labels, e.g. 'dog,cat,car'")
-    p.add_argument("--templates", default="default",
-                   help="prompt set: 'default' (a photo of a {}.) or 'imagenet' (CLIP's 80 prompts, ensembled)")
+    p.add_argument("--templates", default=None,
+                   help="prompt set: 'default' (a photo of a {}.) or 'imagenet' (CLIP's 80 prompts, ensembled); "
+                        "unset: 'default' for images, the label itself for sounds and videos")
     p.add_argument("--template", action="append",
                    help="a custom prompt with {} for the label; repeat to ensemble (overrides --templates)")
     add_model_args(p)

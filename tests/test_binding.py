@@ -273,3 +273,31 @@ def test_the_bind_quickstart_runs_end_to_end(tmp_path):
     assert model.config.audio.seconds == 4.0 and model.config.video.layers == 2  # the recipe's towers
     clip = next((out / "data" / "audio" / "test").glob("*.wav"))
     assert model.classify(clip, ["red circle", "blue square"]).shape == (1, 2)
+
+
+def test_the_cli_embeds_and_classifies_sounds_and_videos_beside_images(data, bound, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(tmp_path / "red.png")
+    (tmp_path / "broken.wav").write_bytes(b"RIFF not really")
+    inputs = [str(data / "audio" / "0.wav"), str(data / "video" / "0.mp4"), str(tmp_path / "red.png"),
+              str(tmp_path / "broken.wav")]
+    model = str(bound / "model")
+    run = subprocess.run([sys.executable, "-m", "rosetta", "classify", "--model", model, "--labels",
+                          ",".join(f"a {n} tone" for n in TONES), *inputs], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1  # the broken file: one line, the others classified
+    lines = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [line["path"] for line in lines] == inputs[:3] and lines[0]["label"] == "a low tone"
+    assert run.stderr.count("\n") == 1 and "broken.wav" in run.stderr
+    out = tmp_path / "vectors.npy"
+    run = subprocess.run([sys.executable, "-m", "rosetta", "embed", "--model", model, "--dtype", "fp32", *inputs[:3],
+                          "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    vectors = np.load(out)
+    loaded = rosetta.load(bound / "model")
+    np.testing.assert_allclose(vectors[0], loaded.embed_audio(inputs[0])[0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(vectors[1], loaded.embed_videos(inputs[1])[0].numpy(), atol=1e-4)

@@ -7,6 +7,7 @@ a WAV is heard and an MP4 watched wherever it is handed in.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,19 @@ def modality_of(item) -> str:
     if isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 1:
         return "audio"  # a waveform; images are 2-D or 3-D
     return "image"
+
+
+def find_media(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Directories expanded (recursively, sorted) into the image, sound and video files they hold; files kept
+    as given."""
+    suffixes = IMAGE_SUFFIXES | AUDIO_SUFFIXES | VIDEO_SUFFIXES
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found.extend(sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in suffixes))
+        else:
+            found.append(path)
+    return found
 
 
 def _sniff(head: bytes) -> str:

@@ -1,14 +1,17 @@
 """Video in: frames sampled at a steady rate, decoded with PyAV.
 
-A long video is not decoded whole: between frames that are far apart the decoder seeks to the keyframe
-before the next one. `max_frames` caps the count; a video with more frames at `fps` than that is sampled
-evenly over its whole length instead.
+A video is not decoded whole. Between frames that are far apart the decoder seeks to the keyframe before
+the next one ("far": a keyframe is due before it, by the keyframe interval seen so far). Non-reference
+frames (the B-frames no other frame is predicted from: a third to a half of a typical H.264 stream) are
+skipped unless they start shortly before a wanted time. `max_frames` caps the count; a video with more
+frames at `fps` than that is sampled evenly over its whole length instead.
 """
 
 from __future__ import annotations
 
 import io
 import os
+from bisect import bisect_left
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +22,8 @@ from rosetta.errors import InputError
 VideoInput = str | os.PathLike | bytes
 FPS = 1.0  # frames a second, as the VLMs sample video
 MAX_FRAMES = 32
-SEEK_GAP = 4.0  # seconds: a frame further ahead than this is reached by seeking, not by decoding up to it
+SEEK_GAP = 4.0  # seconds: until two keyframes have been seen, a frame further ahead is reached by seeking
+GUARD_FRAMES = 2  # frame intervals before a wanted time in which every frame is decoded
 VIDEO_SUFFIXES = frozenset({".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".ogv", ".gif"})
 
 
@@ -102,23 +106,38 @@ def _duration(container, stream) -> float:
 
 
 def _frames_at(container, stream, times: list[float]) -> Iterator[tuple[float, Image.Image]]:
-    """(time shown, the frame on screen) at each of `times`: the last frame shown at or before it (the first
-    frame for a time before it, the last frame for times past the end).
+    """(time shown, the frame on screen) at each of `times` (ascending): the last frame shown at or before it
+    (the first frame for a time before it, the last frame for times past the end).
 
+    Every frame starting within GUARD_FRAMES frame intervals before a time is decoded, so the frame taken is
+    the one on screen whenever one starts that close (any steady-rate video); a variable-rate video that
+    shows a frame longer than that may give the last reference frame before it instead.
     One decoding pass between seeks, read one frame ahead: asked again, a drained decoder would fail.
     """
-    decoded = container.decode(stream)
+    rate = float(stream.average_rate or 0)
+    guard = GUARD_FRAMES / rate if rate > 0 else 0.1
+
+    def near_a_time(t: float) -> bool:
+        i = bisect_left(times, t - 1e-6)
+        return i < len(times) and times[i] - t <= guard
+
+    decoded = _decode(container, stream, near_a_time)
     current = upcoming = image = None
+    keyframes: list[float] = []  # times of the last two keyframes decoded
     for target in times:
         shown = _time(current)
-        if target - shown > SEEK_GAP and stream.time_base is not None:
-            container.seek(int(target / stream.time_base), stream=stream, backward=True, any_frame=False)
-            decoded, current, upcoming = container.decode(stream), None, None
+        if _keyframe_before(target, shown, keyframes) and stream.time_base is not None:
+            # A little before the time: containers index keyframes by decoding time, up to a few frames ahead.
+            container.seek(int(max(0.0, target - guard) / stream.time_base), stream=stream, backward=True,
+                           any_frame=False)
+            decoded, current, upcoming = _decode(container, stream, near_a_time), None, None
         while True:
             frame = upcoming if upcoming is not None else next(decoded, None)
             upcoming = None
             if frame is None:  # the end: the last frame stays on screen
                 break
+            if frame.key_frame and (not keyframes or _time(frame) > keyframes[-1]):
+                keyframes = [*keyframes[-1:], _time(frame)]
             if current is not None and _time(frame) > target + 1e-6:
                 upcoming = frame
                 break
@@ -128,6 +147,27 @@ def _frames_at(container, stream, times: list[float]) -> Iterator[tuple[float, I
         if image is None:
             image = _image(current, _time(current))
         yield _time(current), image
+
+
+def _keyframe_before(target: float, shown: float, keyframes: list[float]) -> bool:
+    """Whether a keyframe is due after the frame on screen at `shown` and by `target`: then seeking to it skips
+    decoding the frames between. Keyframes are taken to keep the interval between the last two seen (the
+    encoder's GOP); before two are seen, a target more than SEEK_GAP ahead is taken to have one."""
+    if len(keyframes) < 2 or keyframes[1] <= keyframes[0]:
+        return target - shown > SEEK_GAP
+    last, interval = keyframes[1], keyframes[1] - keyframes[0]
+    due = last + interval * ((shown - last) // interval + 1)
+    return due <= target
+
+
+def _decode(container, stream, wanted) -> Iterator:
+    """The frames of `stream` from where the container stands, packet by packet: a non-reference frame is
+    skipped unless `wanted(its time)`. (FFmpeg reads `skip_frame` as each packet is sent, threads or not.)"""
+    context = stream.codec_context
+    for packet in container.demux(stream):
+        if packet.pts is not None and packet.time_base is not None:  # the last, flushing packet has no time
+            context.skip_frame = "DEFAULT" if wanted(float(packet.pts * packet.time_base)) else "NONREF"
+        yield from packet.decode()
 
 
 def _time(frame) -> float:

@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rosetta.errors import InputError, RosettaError
+from rosetta.modalities.sniff import find_media
 from rosetta.store.base import VectorStore, check_model, split_model
 
 # Metadata the index writes (an image's size; a sound's or video's window); the rest come from the caller
@@ -313,7 +314,7 @@ def quote(value: str) -> str:
 def _source_files(source: Path) -> tuple[list[str], dict[str, dict[str, Any]], list[str]]:
     """The files of a folder or a manifest, the extra metadata of each, and the rows that name no file."""
     if source.is_dir():
-        paths = [str(p) for p in find_files([source])]
+        paths = [str(p) for p in find_media([source])]
         return paths, {p: {} for p in paths}, []
     from rosetta.data.records import read_records
 
@@ -330,23 +331,6 @@ def _source_files(source: Path) -> tuple[list[str], dict[str, dict[str, Any]], l
             paths.append(file)
         extra[file] = _jsonable(columns)
     return paths, extra, failed
-
-
-def find_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand directories (recursively, sorted) into the image, sound and video files they hold; keep files as
-    given."""
-    from rosetta.modalities.audio import AUDIO_SUFFIXES
-    from rosetta.modalities.image import IMAGE_SUFFIXES
-    from rosetta.modalities.video import VIDEO_SUFFIXES
-
-    suffixes = IMAGE_SUFFIXES | AUDIO_SUFFIXES | VIDEO_SUFFIXES
-    found: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes))
-        else:
-            found.append(p)
-    return found
 
 
 def _read(path: str | os.PathLike, modality: str) -> _File:
