@@ -301,3 +301,14 @@ def test_the_cli_embeds_and_classifies_sounds_and_videos_beside_images(data, bou
     loaded = rosetta.load(bound / "model")
     np.testing.assert_allclose(vectors[0], loaded.embed_audio(inputs[0])[0].numpy(), atol=1e-4)
     np.testing.assert_allclose(vectors[1], loaded.embed_videos(inputs[1])[0].numpy(), atol=1e-4)
+
+
+def test_audio_towers_come_by_preset_name():
+    from rosetta.models.config import AUDIO_PRESETS
+    from rosetta.train.trainer import with_towers
+
+    base = rosetta.create("tiny")
+    model = with_towers(base, {"audio": "ast-tiny"})
+    assert model.config.audio == AUDIO_PRESETS["ast-tiny"] and model.config.audio.grid == (8, 62)  # AST's 128 x 1000
+    with pytest.raises(RosettaError, match="unknown preset 'ast-huge'.*ast-small"):
+        with_towers(base, {"audio": "ast-huge"})

@@ -205,6 +205,15 @@ PRESETS: dict[str, ContrastiveConfig] = {
     ),
 }
 
+# Audio towers to bind (model_overrides: {audio: ast-small}): AST's shapes (Gong et al. 2021: DeiT's widths over
+# 128 mel bins, 10-s windows, 16 x 16 patches) and the binding quickstart's small one.
+AUDIO_PRESETS: dict[str, AudioConfig] = {
+    "ast-tiny": AudioConfig(seconds=10.0, n_mels=128, stem="patch", width=192, layers=12, heads=3, mlp_dim=768),
+    "ast-small": AudioConfig(seconds=10.0, n_mels=128, stem="patch", width=384, layers=12, heads=6, mlp_dim=1536),
+    "ast-base": AudioConfig(seconds=10.0, n_mels=128, stem="patch", width=768, layers=12, heads=12, mlp_dim=3072),
+    "shapes-speech": AudioConfig(seconds=4.0, n_mels=32, stem="conv", width=128, layers=4, heads=4, mlp_dim=512),
+}
+
 # The checkpoint each preset name loads when pretrained weights are asked for.
 PRETRAINED: dict[str, str] = {
     "vit-b-32": "openai/clip-vit-base-patch32",

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from rosetta.errors import InputError, RosettaError
-from rosetta.models.config import PRESETS, AudioConfig, ContrastiveConfig, TextConfig, VideoConfig
+from rosetta.models.config import AUDIO_PRESETS, PRESETS, AudioConfig, ContrastiveConfig, TextConfig, VideoConfig
 from rosetta.models.contrastive import ContrastiveModel
 from rosetta.train import checkpoint, distributed
 from rosetta.train.config import TrainConfig
@@ -108,18 +108,28 @@ def build_model(cfg: TrainConfig, texts: list[str]) -> ContrastiveModel:
 
 
 BOUND_TOWERS = {"audio": AudioConfig, "video": VideoConfig}
+TOWER_PRESETS = {"audio": AUDIO_PRESETS, "video": {}}
 
 
-def with_towers(model: ContrastiveModel, towers: dict[str, dict[str, Any]]) -> ContrastiveModel:
-    """`model` with new audio and/or video towers (untrained), every other weight kept."""
-    config = dataclasses.replace(model.config, **{name: BOUND_TOWERS[name](**(settings or {}))
-                                                  for name, settings in towers.items()})
+def with_towers(model: ContrastiveModel, towers: dict[str, dict[str, Any] | str]) -> ContrastiveModel:
+    """`model` with new audio and/or video towers (untrained), every other weight kept; a tower is its settings
+    or a preset's name (`AUDIO_PRESETS`: ast-tiny, ast-small, ast-base, shapes-speech)."""
+    config = dataclasses.replace(model.config, **{name: _tower(name, settings) for name, settings in towers.items()})
     bound = ContrastiveModel(config, tokenizer=model.tokenizer)
     new = tuple(towers) + tuple(f"{name}_proj" for name in towers) + tuple(f"bound_logit_scale.{n}" for n in towers)
     kept = {k: v for k, v in model.state_dict().items() if not k.startswith(new)}
     missing, unexpected = bound.load_state_dict(kept, strict=False)
     assert not unexpected and all(k.startswith(new) for k in missing), (missing, unexpected)
     return bound
+
+
+def _tower(name: str, settings: dict[str, Any] | str | None) -> AudioConfig | VideoConfig:
+    if not isinstance(settings, str):
+        return BOUND_TOWERS[name](**(settings or {}))
+    if settings not in TOWER_PRESETS[name]:
+        known = ", ".join(TOWER_PRESETS[name]) or "none: give its settings"
+        raise RosettaError(f"model_overrides {name}: unknown preset {settings!r} (presets: {known})")
+    return TOWER_PRESETS[name][settings]
 
 
 def tower_modules(model: ContrastiveModel, modality: str) -> list[torch.nn.Module | torch.nn.Parameter]:
