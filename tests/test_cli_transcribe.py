@@ -60,6 +60,7 @@ def test_transcribes_wav_mp3_and_a_videos_audio_track_to_every_format(media, tmp
         assert any("museum" in w["word"].lower() for w in words)
 
 
+@pytest.mark.slow  # one more start and transcription of the real model: the default run keeps CI under 15 min
 def test_prints_when_there_is_no_out_folder(media):
     out = run("transcribe", "--model", str(TINY_EN), str(media / "museum.mp4"))
     assert out.returncode == 0 and "museum" in out.stdout.lower()
