@@ -229,8 +229,11 @@ class _Embeds:
     def embed_texts(self, texts, batch_size=32):
         return torch.stack([self.vectors[t] for t in texts])
 
-    def embed(self, sources, modality, batch_size=32):
+    def embed(self, sources, modality, batch_size=32, progress=None):
         return torch.stack([self.vectors[s] for s in sources])
+
+    def embed_images(self, images, batch_size=32, progress=None):
+        return self.embed(images, "image")
 
 
 def test_captions_that_mean_the_same_count_and_emergent_hits_are_by_class():

@@ -48,6 +48,11 @@ SHARD_INDEX = "index.json"  # marks a folder of shards written by `rosetta data 
 Record = dict[str, Any]
 
 
+def holds(record: Record, modality: str) -> bool:
+    """Whether `record` has `modality` ("text": a non-empty caption; a file modality: a file)."""
+    return bool(record.get("text")) if modality == "text" else record.get(modality) is not None
+
+
 def read_records(source: str | os.PathLike, lazy: bool = False) -> Iterator[Record]:
     """Records from a folder of files, a manifest, or a folder of WebDataset shards (detected from `source`).
 

@@ -10,11 +10,12 @@ class.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 
 import torch
 
-from rosetta.eval.retrieval import image_key, recall_at_k
+from rosetta.data.records import holds
+from rosetta.eval.retrieval import ImageEmbeddings, embed_texts, image_key, recall_at_k
 from rosetta.train.config import Pairing
 
 KS = (1, 5)
@@ -26,26 +27,28 @@ def binding(model, records: Iterable[dict], pairings: Sequence[Pairing], batch_s
     never trained together, `{m}_to_{n}_top1`: how often the nearest of the other modality has the query's
     label (a class-level hit, since no record pairs them)."""
     records = list(records)
-    trained = {frozenset((p.modality, p.anchor)) for p in pairings} | {frozenset(("image", "text"))}
+    embed = _Embedder(model, batch_size)  # each file once, however many pairs it is scored in
+    done = {frozenset((p.modality, p.anchor)) for p in pairings} | {frozenset(("image", "text"))}
     results: dict[str, float] = {}
     for p in pairings:
-        rows = [r for r in records if _has(r, p.modality) and _has(r, p.anchor)]
+        rows = [r for r in records if holds(r, p.modality) and holds(r, p.anchor)]
         if rows:
-            results.update(paired_recall(model, rows, p.modality, p.anchor, batch_size))
-    bound = list(dict.fromkeys(p.modality for p in pairings))
-    for modality in bound:
+            results.update(paired_recall(embed, rows, p.modality, p.anchor))
+    for modality in dict.fromkeys(p.modality for p in pairings):
         for other in MODALITIES:
             pair = frozenset((modality, other))
-            if other == modality or pair in trained or (other in bound and bound.index(other) < bound.index(modality)):
+            if other == modality or pair in done:
                 continue
-            queries = [r for r in records if _has(r, modality) and r.get("label")]
-            candidates = [r for r in records if _has(r, other) and r.get("label")]
+            done.add(pair)
+            queries = [r for r in records if holds(r, modality) and r.get("label")]
+            candidates = [r for r in records if holds(r, other) and r.get("label")]
             if queries and candidates:
-                results.update(emergent(model, queries, candidates, modality, other, batch_size))
+                results.update(emergent(embed, queries, candidates, modality, other))
     return results
 
 
-def paired_recall(model, rows: list[dict], modality: str, anchor: str, batch_size: int = 32) -> dict[str, float]:
+def paired_recall(embed: Callable[[list, str], torch.Tensor], rows: list[dict], modality: str, anchor: str
+                  ) -> dict[str, float]:
     """Recall@k from `modality` to `anchor` and back over records holding both. Equal anchors (one caption
     string, one image) are one candidate; its positives are the records holding it and those meaning the same."""
     candidates: dict[Hashable, int] = {}
@@ -60,8 +63,8 @@ def paired_recall(model, rows: list[dict], modality: str, anchor: str, batch_siz
         if _meaning(r) is not None:
             meanings.setdefault(_meaning(r), set()).add(candidates[_key(r[anchor], anchor)])
     positives = [{candidates[_key(r[anchor], anchor)]} | meanings.get(_meaning(r), set()) for r in rows]
-    queries = _embed(model, [r[modality] for r in rows], modality, batch_size)
-    targets = _embed(model, sources, anchor, batch_size)
+    queries = embed([r[modality] for r in rows], modality)
+    targets = embed(sources, anchor)
     forward = recall_at_k(queries, targets, positives, KS)
     holders: list[set[int]] = [set() for _ in sources]
     for row, ids in enumerate(positives):
@@ -73,11 +76,11 @@ def paired_recall(model, rows: list[dict], modality: str, anchor: str, batch_siz
             f"{modality}_{anchor}_n": float(len(rows))}
 
 
-def emergent(model, queries: list[dict], candidates: list[dict], modality: str, other: str, batch_size: int = 32
-             ) -> dict[str, float]:
+def emergent(embed: Callable[[list, str], torch.Tensor], queries: list[dict], candidates: list[dict], modality: str,
+             other: str) -> dict[str, float]:
     """Class-level top-1 both ways between two modalities never paired: is the nearest one of the query's label?"""
-    a = _embed(model, [r[modality] for r in queries], modality, batch_size)
-    b = _embed(model, [r[other] for r in candidates], other, batch_size)
+    a = embed([r[modality] for r in queries], modality)
+    b = embed([r[other] for r in candidates], other)
     similarity = a @ b.T
     a_labels = [r["label"] for r in queries]
     b_labels = [r["label"] for r in candidates]
@@ -87,14 +90,20 @@ def emergent(model, queries: list[dict], candidates: list[dict], modality: str, 
             f"{other}_to_{modality}_top1": backward / len(candidates), f"{modality}_{other}_n": float(len(queries))}
 
 
-def _embed(model, sources: list, modality: str, batch_size: int) -> torch.Tensor:
-    if modality == "text":
-        return model.embed_texts(sources, batch_size=batch_size)
-    return model.embed(sources, modality=modality, batch_size=batch_size)
+class _Embedder:
+    """`embed(sources, modality)` -> [N, D]: texts as strings, each file through one ImageEmbeddings cache per
+    modality, so a file scored in several pairs is embedded once."""
 
+    def __init__(self, model, batch_size: int):
+        self.model, self.batch_size = model, batch_size
+        self.files: dict[str, ImageEmbeddings] = {}
 
-def _has(record: dict, modality: str) -> bool:
-    return bool(record.get("text")) if modality == "text" else record.get(modality) is not None
+    def __call__(self, sources: list, modality: str) -> torch.Tensor:
+        if modality == "text":
+            return embed_texts(self.model, sources, self.batch_size)
+        if modality not in self.files:
+            self.files[modality] = ImageEmbeddings(self.model, self.batch_size, modality=modality)
+        return self.files[modality](sources)[0]
 
 
 def _key(source, modality: str) -> Hashable:

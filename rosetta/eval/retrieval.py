@@ -26,7 +26,7 @@ def image_key(image) -> Hashable:
 
 
 class ImageEmbeddings:
-    """Embeds each distinct image once, however many records or tasks use it.
+    """Embeds each distinct image (or, with `modality`, sound or video) once, however many records or tasks use it.
 
     It remembers every image it has embedded, so make one per evaluation: after the weights change, its
     vectors are stale (and an in-memory image is known by its id(), which is reused once it is freed).
@@ -35,10 +35,12 @@ class ImageEmbeddings:
     and the image is left out (the batch it was in is then embedded one image at a time to find it).
     """
 
-    def __init__(self, model, batch_size: int = 64, on_error: Callable[[InputError], None] | None = None):
+    def __init__(self, model, batch_size: int = 64, on_error: Callable[[InputError], None] | None = None,
+                 modality: str = "image"):
         self.model = model
         self.batch_size = batch_size
         self.on_error = on_error
+        self.modality = modality
         self._vectors: dict[Hashable, torch.Tensor | None] = {}  # None: the image failed to load
 
     def __call__(self, images: Sequence) -> tuple[torch.Tensor, list[int]]:
@@ -50,7 +52,7 @@ class ImageEmbeddings:
                 pending.setdefault(key, image)
         todo = list(pending.items())
         starts = range(0, len(todo), self.batch_size)
-        for start in tqdm(starts, desc="images", unit="batch", disable=len(starts) < 2 or None, leave=False):
+        for start in tqdm(starts, desc=self.modality, unit="batch", disable=len(starts) < 2 or None, leave=False):
             batch = todo[start : start + self.batch_size]
             for (key, _), vector in zip(batch, self._embed([image for _, image in batch])):
                 self._vectors[key] = vector
@@ -68,18 +70,24 @@ class ImageEmbeddings:
 
     def _embed(self, batch: list) -> list[torch.Tensor | None]:
         try:
-            return list(normalised(self.model.embed_images(batch, batch_size=len(batch), progress=False)))
+            return list(normalised(self._model_embed(batch)))
         except InputError:
             if self.on_error is None:
                 raise
         vectors: list[torch.Tensor | None] = []
         for image in batch:
             try:
-                vectors.append(normalised(self.model.embed_images([image], batch_size=1, progress=False))[0])
+                vectors.append(normalised(self._model_embed([image]))[0])
             except InputError as e:
                 self.on_error(e)
                 vectors.append(None)
         return vectors
+
+
+    def _model_embed(self, batch: list) -> torch.Tensor:
+        if self.modality == "image":  # every embedding model has embed_images; `embed` is the contrastive family's
+            return self.model.embed_images(batch, batch_size=len(batch), progress=False)
+        return self.model.embed(batch, modality=self.modality, batch_size=len(batch), progress=False)
 
 
 def embed_texts(model, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:

@@ -32,6 +32,10 @@ AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aa
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".mov", ".avi", ".m4v"}
 
 
+class NoAudioTrack(InputError):
+    """A container (a video, most often) that holds no sound: an error where sound is asked for, not elsewhere."""
+
+
 def describe(audio: AudioInput) -> str:
     if isinstance(audio, (str, os.PathLike)):
         return str(audio)
@@ -119,7 +123,7 @@ def _pyav_blocks(audio, name: str, sample_rate: int, block_seconds: float) -> It
     with container:
         streams = container.streams.audio
         if not streams:
-            raise InputError(f"{name}: has no audio track")
+            raise NoAudioTrack(f"{name}: has no audio track")
         stream = streams[0]
         # FFmpeg resamples (float32 planes at the model's rate); the channels are averaged here, as for the
         # files soundfile reads: FFmpeg's own downmix to mono scales two channels by 1/sqrt(2), not 1/2.

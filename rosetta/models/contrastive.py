@@ -14,11 +14,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rosetta.errors import InputError
-from rosetta.modalities.audio import AudioInput, load_audio, log_mel_spectrogram, pad_or_trim
+from rosetta.modalities.audio import AudioInput, NoAudioTrack, load_audio, log_mel_spectrogram, pad_or_trim
 from rosetta.modalities.image import ImageInput, load_image, preprocess
 from rosetta.modalities.sniff import modality_of
 from rosetta.modalities.text import TextTokenizer, byte_tokenizer, clip_bpe, load_tokenizer_files
-from rosetta.modalities.video import VideoInput, timed_frames
+from rosetta.modalities.video import VideoInput, sample_frames, timed_frames
 from rosetta.models.config import PRESETS, PRETRAINED, AudioConfig, ContrastiveConfig, ImageConfig, VideoConfig
 from rosetta.models.encoders import AudioTransformer, ConvStem, TemporalPool, TextTransformer, VisionTransformer
 from rosetta.models.registry import Family
@@ -275,10 +275,6 @@ class ContrastiveModel(nn.Module):
         """A clip's log-mel windows [W, n_mels, frames] and when each starts (s): `audio_windows`."""
         return audio_windows(audio, self._audio_config())
 
-    def preprocess_audio(self, clips: Sequence[AudioInput]) -> torch.Tensor:
-        """The first window of each clip, [N, n_mels, frames]: what training feeds the audio tower."""
-        return torch.stack([self.audio_windows(clip)[0][0] for clip in clips])
-
     @torch.inference_mode()
     def embed_audio(self, audio: AudioInput | Sequence[AudioInput], batch_size: int = 32,
                     progress: bool | None = None) -> torch.Tensor:
@@ -311,8 +307,8 @@ class ContrastiveModel(nn.Module):
         out = []
         for video in tqdm(videos, desc="videos", unit="video", disable=not (progress or len(videos) > 8) or None,
                           leave=False):
-            frames = [frame for _, frame in timed_frames(video, cfg.fps, cfg.max_frames)]
-            vector = self._pool_frames(self._frame_vectors(frames))
+            frames = sample_frames(video, cfg.fps, cfg.max_frames)
+            vector = self._pool_frames(self.embed_images(frames, batch_size=len(frames), progress=False))
             out.append(self._with_sound(vector, self._sound(video)))
         return torch.stack(out) if out else self._empty()
 
@@ -333,10 +329,10 @@ class ContrastiveModel(nn.Module):
             times.append(time)
             pending.append(frame)
             if len(pending) == 32:
-                vectors.append(self._frame_vectors(pending))
+                vectors.append(self.embed_images(pending, progress=False))
                 pending = []
         if pending:
-            vectors.append(self._frame_vectors(pending))
+            vectors.append(self.embed_images(pending, progress=False))
         frame_vectors = torch.cat(vectors)
         end_of_video = times[-1] + 1 / cfg.fps
         index = torch.tensor([int(t // window) for t in times])
@@ -347,13 +343,6 @@ class ContrastiveModel(nn.Module):
             vector = self._pool_frames(frame_vectors[index == k])
             rows.append((start, end, self._with_sound(vector, sound, (start, end))))
         return rows
-
-    def preprocess_video(self, video: VideoInput) -> torch.Tensor:
-        """The frames the video tower sees, [max_frames, 3, H, W]: what training feeds it."""
-        return video_pixels(video, self.video_config, self.config.vision.image_size, self.config.image)
-
-    def _frame_vectors(self, frames: list[Image.Image]) -> torch.Tensor:
-        return F.normalize(self.encode_image(self.preprocess(frames).to(self.device, self.dtype)).float(), dim=-1)
 
     def _pool_frames(self, frame_vectors: torch.Tensor) -> torch.Tensor:
         """One video vector from its normalised frame vectors [T, D]; more frames than the temporal tower
@@ -370,10 +359,8 @@ class ContrastiveModel(nn.Module):
             return None
         try:
             return torch.from_numpy(load_audio(video, self.config.audio.sample_rate))
-        except InputError as e:
-            if "no audio track" in str(e):
-                return None
-            raise
+        except NoAudioTrack:
+            return None
 
     def _with_sound(self, vector: torch.Tensor, sound: torch.Tensor | None, span: tuple[float, float] | None = None
                     ) -> torch.Tensor:
@@ -422,7 +409,7 @@ def audio_windows(audio: AudioInput, cfg: AudioConfig) -> tuple[torch.Tensor, li
 def video_pixels(video: VideoInput, cfg: VideoConfig, image_size: int, image_config: ImageConfig) -> torch.Tensor:
     """Frames at `cfg.fps` spread over the video, preprocessed, [max_frames, 3, H, W]: a video with fewer
     frames repeats its last, so that videos batch."""
-    frames = [frame for _, frame in timed_frames(video, cfg.fps, cfg.max_frames)]
+    frames = sample_frames(video, cfg.fps, cfg.max_frames)
     frames += frames[-1:] * (cfg.max_frames - len(frames))
     return torch.stack([preprocess(frame, image_size, image_config) for frame in frames])
 

@@ -169,6 +169,7 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False):
+        from rosetta.data.records import holds
         from rosetta.models.io import resolve_device
 
         self.cfg = cfg
@@ -191,7 +192,8 @@ class Trainer:
         self.binding = bool(cfg.pairings)
         # Shard members are listed, not read: the files are read by the DataLoader workers, sample by sample.
         records = list(_read_all(cfg.data.train, lazy=True))
-        self.train_records = [[r for r in records if _has(r, p.modality) and _has(r, p.anchor)] for p in self.pairings]
+        self.train_records = [[r for r in records if holds(r, p.modality) and holds(r, p.anchor)]
+                              for p in self.pairings]
         for pairing, pool in zip(self.pairings, self.train_records):
             if len(pool) < cfg.batch_size:
                 what = f"records with {pairing.modality} and {pairing.anchor}" if self.binding else "captioned images"
@@ -233,7 +235,7 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.step = 0
-        self.pairing_losses: dict[str, float] = {}  # this rank's last loss of each pairing, for the log
+        self.pairing_losses: dict[str, torch.Tensor] = {}  # this rank's last loss of each pairing, for the log
         self._compute_dtype = _AUTOCAST.get(cfg.precision, torch.float32)
         if self.binding:
             trained = {p.modality for p in self.pairings}
@@ -375,7 +377,7 @@ class Trainer:
             features = torch.cat([m[k][0] for m in micro])
             anchors = torch.cat([m[k][1] for m in micro])
             loss = contrastive_loss(kind, features, anchors, scale, bias, self.world)
-            self.pairing_losses[f"loss/{pairing.name}"] = loss.item()
+            self.pairing_losses[f"loss/{pairing.name}"] = loss.detach()  # read when logged: no sync per step
             total = total + pairing.weight * loss
         return total
 
@@ -467,7 +469,8 @@ class Trainer:
                         log.log(self.step, "train", {
                             "epoch": epoch + position / self.steps_per_epoch, "loss": loss,
                             "lr": self.scheduler.get_last_lr()[0], "samples_per_s": speed, "mfu": mfu,
-                            **self._temperatures(), **(self.pairing_losses if self.binding else {}),
+                            **self._temperatures(),
+                            **({k: v.item() for k, v in self.pairing_losses.items()} if self.binding else {}),
                         })
                     if cfg.eval_every and self.step % cfg.eval_every == 0:
                         log.log(self.step, "val", self.evaluate())
@@ -506,10 +509,6 @@ class Trainer:
             raise RosettaError(
                 f"unreadable training sample: {reason} (remove it, e.g. with 'rosetta data clean', then --resume)"
             ) from None
-
-
-def _has(record: dict, modality: str) -> bool:
-    return bool(record.get("text")) if modality == "text" else record.get(modality) is not None
 
 
 def _read_all(sources: str | list[str], lazy: bool = False) -> Iterator[dict]:
