@@ -4,6 +4,7 @@ with a well-formed reply, and records every request it got."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.server
 import json
@@ -95,3 +96,24 @@ def fake_vendor(vendor: str) -> Iterator[Fake]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def sent_images(fake: Fake, request: dict) -> list[bytes]:
+    """The images a request carried, decoded from the vendor's format."""
+    body, found = request["body"], []
+    if fake.vendor == "openai":
+        for m in body["messages"]:
+            for p in m["content"] if isinstance(m["content"], list) else []:
+                if p["type"] == "image_url":
+                    found.append(base64.b64decode(p["image_url"]["url"].split(",", 1)[1]))
+    elif fake.vendor == "anthropic":
+        for m in body["messages"]:
+            found += [base64.b64decode(b["source"]["data"]) for b in m["content"] if b["type"] == "image"]
+    else:
+        for c in body["contents"]:
+            found += [_b64(p["inlineData"]["data"]) for p in c["parts"] if "inlineData" in p]
+    return found
+
+
+def _b64(data: str) -> bytes:  # google-genai sends the URL-safe alphabet, unpadded
+    return base64.urlsafe_b64decode(data.replace("+", "-").replace("/", "_") + "=" * (-len(data) % 4))

@@ -13,7 +13,7 @@ import sys
 
 import httpx
 import pytest
-from fake_vendors import Scripted, fake_vendor
+from fake_vendors import Scripted, fake_vendor, sent_images
 from PIL import Image
 
 import rosetta
@@ -53,27 +53,6 @@ def photo(tmp_path):
     path = tmp_path / "red.png"
     Image.new("RGB", (64, 48), (255, 0, 0)).save(path)
     return path
-
-
-def sent_images(fake, request: dict) -> list[bytes]:
-    """The images a request carried, decoded from the vendor's format."""
-    body, found = request["body"], []
-    if fake.vendor == "openai":
-        for m in body["messages"]:
-            for p in m["content"] if isinstance(m["content"], list) else []:
-                if p["type"] == "image_url":
-                    found.append(base64.b64decode(p["image_url"]["url"].split(",", 1)[1]))
-    elif fake.vendor == "anthropic":
-        for m in body["messages"]:
-            found += [base64.b64decode(b["source"]["data"]) for b in m["content"] if b["type"] == "image"]
-    else:
-        for c in body["contents"]:
-            found += [_b64(p["inlineData"]["data"]) for p in c["parts"] if "inlineData" in p]
-    return found
-
-
-def _b64(data: str) -> bytes:  # google-genai sends the URL-safe alphabet, unpadded
-    return base64.urlsafe_b64decode(data.replace("+", "-").replace("/", "_") + "=" * (-len(data) % 4))
 
 
 def sent_key(fake, request: dict) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -229,3 +231,114 @@ def test_page_searches_by_sound_and_cues_recordings_at_the_match(media_server, b
         "const a = document.querySelector('#results audio'); return a.readyState >= 1 ? a.currentTime : null;"))
     assert start == pytest.approx(1.44, abs=0.05)
     assert not driver.find_element(By.ID, "message").is_displayed()
+
+
+@pytest.fixture(scope="module")
+def vlm_server():
+    """tiny-vlm as `rosetta serve --model tiny-vlm --random-init` builds it, behind the API key."""
+    import torch
+
+    import rosetta
+    from rosetta.serve import Settings, create_app
+
+    torch.manual_seed(0)
+    model = rosetta.create("tiny-vlm").eval()
+    model.name = "tiny-vlm"
+    with serving(create_app(model, None, Settings(api_key=KEY, max_sequences=4))) as url:
+        yield url, model
+
+
+def _settled(driver, selector: str) -> str | None:
+    """The text of the element once its answer came (the page marks it aria-busy until then)."""
+    return driver.execute_script("""
+        const element = document.querySelector(arguments[0]);
+        return element && !element.hidden && !element.hasAttribute('aria-busy') ? element.textContent : null;""",
+                                 selector)
+
+
+def _drop(driver, path: Path, zone: str) -> None:
+    driver.execute_script("""
+        const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+        const data = new DataTransfer();
+        data.items.add(new File([bytes], arguments[1], {type: 'image/png'}));
+        document.getElementById(arguments[2]).dispatchEvent(
+            new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true}));
+    """, base64.b64encode(path.read_bytes()).decode(), path.name, zone)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_image_panel_captions_and_answers(vlm_server, browser, images):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    url, model = vlm_server
+    red, blue = Image.open(images["red"]), Image.open(images["blue"])
+    # The model's own replies, worked out before the page asks, so that the server's thread has it to itself.
+    captions = {"red": model.caption(red, max_new_tokens=12), "blue": model.caption(blue, max_new_tokens=12)}
+    answer = model.ask(red, "What colour is it?", max_new_tokens=12)
+    assert captions["red"] != captions["blue"]  # else the page's second caption could not be told from its first
+    driver = browser
+    driver.get(url + "/")
+    driver.execute_script(f"localStorage.setItem('rosetta.apiKey', '{KEY}')")
+    driver.get(url + "/")
+    _wait(driver, lambda d: d.find_element(By.ID, "vision-card").is_displayed())
+    assert driver.find_element(By.ID, "model").text == "tiny-vlm"
+    tokens = driver.find_element(By.ID, "max-tokens")
+    tokens.clear()
+    tokens.send_keys("12")
+
+    # A chosen image: previewed, captioned as the model captions it.
+    driver.find_element(By.ID, "vision-file").send_keys(str(images["red"]))
+    assert _wait(driver, lambda d: _settled(d, "#caption")) == captions["red"]
+    assert driver.find_element(By.ID, "vision-preview").is_displayed()
+
+    # A question about it: the answer appears under it, the model's own.
+    driver.find_element(By.ID, "question").send_keys("What colour is it?", Keys.ENTER)
+    assert _wait(driver, lambda d: _settled(d, "#answers .answer")) == answer
+    assert driver.find_element(By.CSS_SELECTOR, "#answers .question").text == "What colour is it?"
+
+    # A dropped image replaces it: its own caption, and the answers about the other one are gone.
+    _drop(driver, images["blue"], "vision-drop")
+    assert _wait(driver, lambda d: _settled(d, "#caption") == captions["blue"])
+    assert not driver.find_elements(By.CSS_SELECTOR, "#answers .turn")
+    assert not driver.find_element(By.ID, "message").is_displayed()
+
+
+def test_image_panel_only_for_models_that_read_images(browser):
+    from selenium.webdriver.common.by import By
+
+    import rosetta
+    from rosetta.serve import Settings, create_app
+
+    model = rosetta.create("tiny-lm").eval()
+    model.name = "tiny-lm"
+    with serving(create_app(model, None, Settings())) as url:
+        browser.get(url + "/")
+        _wait(browser, lambda d: d.find_element(By.ID, "model").text == "tiny-lm")
+        assert not browser.find_element(By.ID, "vision-card").is_displayed()
+        assert browser.find_element(By.ID, "chat-input").is_displayed()
+
+
+def test_image_panel_with_a_hosted_model(browser, images, tmp_path):
+    from fake_vendors import fake_vendor, sent_images
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from rosetta.hosted import load_hosted
+    from rosetta.serve import Settings, create_app
+
+    pytest.importorskip("openai")
+    with fake_vendor("openai") as fake:
+        model = load_hosted("openai:gpt-4o", api_key="vendor-key", base_url=f"{fake.url}/v1", cache=tmp_path)
+        with serving(create_app(model, None, Settings(api_key=KEY))) as url:
+            browser.get(url + "/")
+            browser.execute_script(f"localStorage.setItem('rosetta.apiKey', '{KEY}')")
+            browser.get(url + "/")
+            _wait(browser, lambda d: d.find_element(By.ID, "vision-card").is_displayed())
+            browser.find_element(By.ID, "vision-file").send_keys(str(images["green"]))
+            assert _wait(browser, lambda d: _settled(d, "#caption")) == "a red square on a white background"
+            browser.find_element(By.ID, "question").send_keys("And the colour?", Keys.ENTER)
+            assert _wait(browser, lambda d: _settled(d, "#answers .answer")) == "a red square on a white background"
+    assert [len(sent_images(fake, r)) for r in fake.requests] == [1, 1]
+    assert Image.open(io.BytesIO(sent_images(fake, fake.requests[0])[0])).size == Image.open(images["green"]).size
+    assert all(KEY not in json.dumps(r) for r in fake.requests)  # the page's key is the server's, never passed on

@@ -63,7 +63,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Make a built-in dataset. 'shapes': PNG images of one or two coloured shapes on varied "
                     "backgrounds with varied captions, split 80/10/10 into OUT/train.jsonl, val.jsonl and "
                     "test.jsonl, with OUT/classes.json for zero-shot classification and, for two-shape images, "
-                    "a 'negative' caption with the colours swapped. With --spoken, also captions naming a "
+                    "a 'negative' caption with the colours swapped; and questions about each scene for "
+                    "vision-language models (colour, shape, count, position; POPE's yes/no object probes, half "
+                    "'no'): LLaVA-format conversations in OUT/SPLIT-conversations.jsonl, one question a row in "
+                    "OUT/SPLIT-vqa.jsonl and OUT/SPLIT-pope.jsonl. With --spoken, also captions naming a "
                     "class, spoken by espeak-ng (16 kHz WAV, OUT/spoken-SPLIT.jsonl), and with --videos, clips "
                     "of one shape moving left, right, up or down, with captions that say which (H.264 MP4, "
                     "OUT/videos-SPLIT.jsonl), split the same way. 'speech': sentences spoken by espeak-ng in "
@@ -155,7 +158,11 @@ def _make_shapes(args: argparse.Namespace) -> list[tuple[dict[str, int], str]]:
 
     made = []
     if args.n or not (args.spoken or args.videos):  # --n 0 beside --spoken or --videos: those alone
+        from rosetta.data.shapes_qa import make_shape_questions
+
         made.append((make_shapes(args.out, args.n, seed=args.seed, image_size=args.image_size), "images"))
+        made.append((make_shape_questions(args.out, seed=args.seed), "questions about them (conversations, VQA, "
+                                                                      "POPE)"))
     if args.spoken:
         made.append((make_spoken_captions(args.out, args.spoken, seed=args.seed, noise=args.noise),
                      "spoken captions"))

@@ -42,7 +42,7 @@ MODALITY_SUFFIXES: dict[str, frozenset[str]] = {
 SUFFIX_MODALITY = {suffix: modality for modality, suffixes in MODALITY_SUFFIXES.items() for suffix in suffixes}
 
 TEXT_ALIASES = ("text", "caption")  # manifest columns read as the caption, in order of preference
-MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
+MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 SHARD_INDEX = "index.json"  # marks a folder of shards written by `rosetta data shard`
 
 Record = dict[str, Any]
@@ -137,7 +137,8 @@ def _read_text(path: Path) -> str:
 
 
 def _read_manifest(path: Path, suffix: str) -> Iterator[Record]:
-    rows = {".csv": _csv_rows, ".tsv": _csv_rows, ".jsonl": _jsonl_rows, ".parquet": _parquet_rows}[suffix](path)
+    rows = {".csv": _csv_rows, ".tsv": _csv_rows, ".jsonl": _jsonl_rows, ".json": _json_rows,
+            ".parquet": _parquet_rows}[suffix](path)
     base = os.path.dirname(os.path.abspath(path))
     seen: set[str] = set()
     text_column = None
@@ -228,6 +229,22 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 yield str(number), row
         except UnicodeDecodeError as e:
             raise RosettaError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A JSON array of objects: LLaVA's instruction data (llava_v1_5_mix665k.json and its kin)."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise RosettaError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise RosettaError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(rows, list):
+        raise RosettaError(f"{path}: expected a JSON array of objects (one per record), got {type(rows).__name__}")
+    for number, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise RosettaError(f"{path}[{number}]: expected a JSON object, got {type(row).__name__}")
+        yield f"[{number}]", row
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:

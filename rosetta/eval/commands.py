@@ -8,22 +8,27 @@ import sys
 from pathlib import Path
 
 from rosetta.cli import add_model_args, fail, model_from_args
-from rosetta.errors import RosettaError
+from rosetta.errors import InputError, RosettaError
 
-TASK_CHOICES = ("zeroshot", "retrieval", "compositionality", "asr", "extract", "all")
+TASK_CHOICES = ("zeroshot", "retrieval", "compositionality", "asr", "extract", "caption", "vqa", "pope", "all")
 MANIFEST_SUFFIXES = (".jsonl", ".parquet", ".csv", ".tsv")  # looked for in this order
 # What each task needs in a record, for the error when no record has it.
 NEEDS = {"zeroshot": "a label", "retrieval": "a caption (text)", "compositionality": "a hard negative (negative)",
          "asr": "an audio and its text", "extract": "an image and its fields"}
+GENERATIVE = ("caption", "vqa", "pope")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "eval", help="zero-shot classification, retrieval, compositionality, speech recognition on a dataset",
+        "eval", help="zero-shot classification, retrieval, compositionality, speech recognition, captioning, VQA, "
+                     "POPE, extraction on a dataset",
         description="Evaluate a model on a dataset: zero-shot classification (records with a label), image-text "
                     "retrieval recall (records with a caption), compositionality (records with a hard-negative "
                     "caption), or speech recognition (records with an audio and its text: WER and CER after "
-                    "Whisper's English normalisation, real-time factor). Prints a table; --out writes the metrics "
+                    "Whisper's English normalisation, real-time factor). A vision-language model (local, hosted or "
+                    "ocr): caption (BLEU-4, CIDEr-D against records' text or captions), vqa (VQAv2 accuracy on "
+                    "records with a question and answers), pope (accuracy, precision, recall, F1, yes-ratio on "
+                    "yes/no object questions), extract (field accuracy). Prints a table; --out writes the metrics "
                     "as JSON.")
     p.add_argument("--data", "-d", required=True, metavar="DIR_OR_MANIFEST",
                    help="a dataset directory (reads SPLIT.jsonl, .parquet, .csv or .tsv, and classes.json if there) "
@@ -47,10 +52,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_plot)
 
 
-def dataset_files(data: Path, split: str) -> tuple[Path, list[str] | None]:
-    """The manifest to read and the class names (classes.json beside it), for a directory or a manifest."""
+def dataset_files(data: Path, split: str, task: str = "all") -> tuple[Path, list[str] | None]:
+    """The manifest to read and the class names (classes.json beside it), for a directory or a manifest. In a
+    directory, a task's own manifest of the split comes first (test-vqa.jsonl, test-pope.jsonl)."""
     if data.is_dir():
-        manifests = [data / f"{split}{suffix}" for suffix in MANIFEST_SUFFIXES]
+        manifests = [data / f"{name}{suffix}" for name in (f"{split}-{task}", split) for suffix in MANIFEST_SUFFIXES]
         manifest = next((m for m in manifests if m.is_file()), None)
         if manifest is None:
             names = ", ".join(f"{split}{suffix}" for suffix in MANIFEST_SUFFIXES)
@@ -75,13 +81,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rosetta.data.records import read_records
     from rosetta.eval import EMBEDDING_TASKS, ImageEmbeddings, evaluate, format_table, write_results
 
-    manifest, classes = dataset_files(Path(args.data), args.split)
+    manifest, classes = dataset_files(Path(args.data), args.split, args.task)
     records = list(read_records(manifest))
     if not records:
         raise RosettaError(f"{manifest}: no records")
     model = model_from_args(args)
     if args.task == "extract":
         return _eval_extract(args, model, manifest, records)
+    if args.task in GENERATIVE:
+        return _eval_generative(args, model, records)
     transcribes = callable(getattr(model, "transcribe", None))
     tasks = (("asr",) if transcribes else EMBEDDING_TASKS) if args.task == "all" else (args.task,)
     if ("asr" in tasks) != transcribes:
@@ -126,6 +134,31 @@ def _eval_extract(args: argparse.Namespace, model, manifest: Path, records: list
         failures.append(str(error))
 
     results = {"extract": extraction(model, records, schema, on_error=skip)}
+    print(format_table(results), flush=True)
+    if args.out:
+        print(f"wrote {write_results(args.out, results, {'dataset': str(args.data), 'model': args.model})}",
+              file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _eval_generative(args: argparse.Namespace, model, records: list[dict]) -> int:
+    from rosetta.eval import format_table, write_results
+    from rosetta.eval.generative import GENERATIVE_TASKS
+
+    if not callable(getattr(model, "reply", None)):
+        raise RosettaError(f"--task {args.task}: {args.model} does not answer about images (a vision-language "
+                           "model, a hosted one, or ocr)")
+    failures: list[str] = []
+
+    def skip(error: Exception) -> None:
+        fail(str(error))
+        failures.append(str(error))
+
+    try:
+        metrics = GENERATIVE_TASKS[args.task](model, records, batch_size=args.batch_size, on_error=skip)
+    except InputError as e:
+        raise RosettaError(str(e)) from None
+    results = {args.task: metrics}
     print(format_table(results), flush=True)
     if args.out:
         print(f"wrote {write_results(args.out, results, {'dataset': str(args.data), 'model': args.model})}",

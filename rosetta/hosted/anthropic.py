@@ -29,8 +29,8 @@ class AnthropicModel(HostedModel):
         options = {}
         if system:
             options["system"] = system
-        if temperature is not None:
-            options["temperature"] = temperature
+        if temperature is not None:  # the API takes it; the SDK's create() lost the keyword in 1.0 (its MIGRATION.md)
+            options["extra_body"] = {"temperature": temperature}
         if schema is not None:
             options["tools"] = [{"name": TOOL, "description": "Record the fields read from the image.",
                                  "input_schema": schema}]

@@ -139,6 +139,20 @@ def train_bpe(texts: Sequence[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
+def train_lm_tokenizer(texts: Sequence[str], vocab_size: int, extra_special: Sequence[str] = ()) -> LMTokenizer:
+    """A byte-level BPE learned from `texts` (case kept) with ChatML's special tokens and `extra_special`: the
+    tokenizer of a language model trained from scratch."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *extra_special]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([*texts, "user", "assistant", "system"], trainer)
+    names = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    return LMTokenizer(tok, names, CHATML)
+
+
 def clip_bpe(vocab_file: Path, merges_file: Path) -> Tokenizer:
     """CLIP's byte-level BPE (lower-cased, words end in `</w>`) from its vocab and merges files."""
     vocab = json.loads(Path(vocab_file).read_text(encoding="utf-8"))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from rosetta.errors import InputError, RosettaError
@@ -128,6 +129,7 @@ class CausalLM(nn.Module):
         self.rope = RotaryEmbedding(c.head_size, c.rope_theta, c.rope_scaling)
         self.tokenizer = tokenizer or byte_lm_tokenizer()
         self._grammars = None
+        self.gradient_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -172,8 +174,12 @@ class CausalLM(nn.Module):
         elif positions is None:
             raise ValueError("a cached pass needs the positions of its tokens")
         rope = self.rope(positions, x.dtype)
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, window, layer)
+            if checkpointed:  # activations recomputed in backward: memory for compute, as in training
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, window, layer, use_reentrant=False)
+            else:
+                x = block(x, rope, window, layer)
         if last_only:
             x = x[:, -1]
         x = self.norm(x)

@@ -252,10 +252,11 @@ class VisionLanguageModel(nn.Module):
         return x
 
     def forward(self, ids: torch.Tensor, pixels: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, L, V] of prompts `ids` [B, L] whose image tokens stand for `pixels` [N, 3, H, W], in order."""
+                attention_mask: torch.Tensor | None = None, **lm_options: Any) -> torch.Tensor:
+        """Logits [B, L, V] of prompts `ids` [B, L] whose image tokens stand for `pixels` [N, 3, H, W], in order;
+        `lm_options` (positions, window) go to the language model, as packed training sequences need."""
         features = self.encode_images(pixels) if pixels is not None else None
-        return self.lm(embeds=self.embed_prompt(ids, features), attention_mask=attention_mask)
+        return self.lm(embeds=self.embed_prompt(ids, features), attention_mask=attention_mask, **lm_options)
 
     # Images and text in, text out.
 
@@ -317,23 +318,59 @@ class VisionLanguageModel(nn.Module):
                fetch: Callable[[str], bytes] | None = None) -> tuple[list[int], list]:
         """The token ids of a conversation (one token per image patch where each image goes) and its images.
         `fetch` reads the bytes of a remote image URL; without it, only data: URLs are read."""
+        parts, images = _with_image_placeholders(messages, fetch)
+        ids, _, tiles = self._tokens([(self._render(parts), False)], images)
+        return ids, tiles
+
+    def training_ids(self, messages: Sequence[Mapping[str, Any]]) -> tuple[list[int], list[bool], list]:
+        """A whole conversation as it is trained on: its token ids, which of them are the assistant's replies
+        (each reply with the end-of-turn token that stops it: what the loss is taken on), and its images."""
+        parts, images = _with_image_placeholders(messages)
+        chunks, done = [], ""
+        for i, message in enumerate(parts):
+            if message["role"] != "assistant":
+                continue
+            head, whole = self._render(parts[:i], True), self._render(parts[: i + 1], False)
+            if not head.startswith(done) or not whole.startswith(head):
+                raise RosettaError("the chat template does not render a conversation as the prompt of its next "
+                                   "reply followed by the reply: cannot tell the replies apart to train on them")
+            reply, eos = whole[len(head):], self.tokenizer.special_tokens.get("eos_token")
+            cut = reply.rindex(eos) + len(eos) if eos and eos in reply else len(reply)  # not the newline after it
+            chunks += [(head[len(done):], False), (reply[:cut], True), (reply[cut:], False)]
+            done = whole
+        chunks.append((self._render(parts, False)[len(done):], False))
+        return self._tokens([c for c in chunks if c[0]], images)
+
+    def _render(self, parts: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         from rosetta.modalities.chat import render
 
-        parts, images = _with_image_placeholders(messages, fetch)
         template = self.tokenizer.chat_template or LLAVA_TEMPLATE
-        text = render(template, parts, special_tokens=self.tokenizer.special_tokens)
+        return render(template, parts, add_generation_prompt=add_generation_prompt,
+                      special_tokens=self.tokenizer.special_tokens)
+
+    def _tokens(self, chunks: list[tuple[str, bool]], images: list) -> tuple[list[int], list[bool], list]:
+        """Token ids of rendered text chunks (each flagged as a reply or not), every image marker expanded into
+        the tokens of its tiles; the flag of each id; the tiles in order."""
         marker = self.tokenizer.backend.id_to_token(self.config.image_token_id)
-        pieces = text.split(marker)
-        if len(pieces) - 1 != len(images):
-            raise RosettaError(f"the chat template placed {len(pieces) - 1} image tokens for {len(images)} images")
+        if sum(text.count(marker) for text, _ in chunks) != len(images):
+            placed = sum(text.count(marker) for text, _ in chunks)
+            raise RosettaError(f"the chat template placed {placed} image tokens for {len(images)} images")
         tiled = [self.tiles(image) for image in images]
-        expanded = pieces[0] + "".join(self._placeholder(marker, rows, cols) + piece
-                                       for (_, rows, cols), piece in zip(tiled, pieces[1:]))
-        ids = self.tokenizer.encode(expanded, add_special_tokens=False)
+        grids = iter(tiled)
+        ids, flags = [], []
+        for text, reply in chunks:
+            pieces = text.split(marker)
+            expanded = pieces[0]
+            for piece in pieces[1:]:
+                _, rows, cols = next(grids)
+                expanded += self._placeholder(marker, rows, cols) + piece
+            chunk = self.tokenizer.encode(expanded, add_special_tokens=False)
+            ids += chunk
+            flags += [reply] * len(chunk)
         if len(ids) >= self.context_length:
             raise InputError(f"{len(images)} images and the text take {len(ids)} tokens; the model's context "
                              f"window is {self.context_length} (fewer images or frames)")
-        return ids, [tile for tiles, _, _ in tiled for tile in tiles]
+        return ids, flags, [tile for tiles, _, _ in tiled for tile in tiles]
 
     def tiles(self, image) -> tuple[list, int, int]:
         """The pictures the tower sees for one image, and the grid they came from: the image itself (LLaVA;

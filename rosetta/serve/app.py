@@ -2,10 +2,11 @@
 
 Routes live in routers (`ROUTERS`), each with what it needs of the model: "embed" (the embedding routes for
 texts, images, sounds and videos, through the `BatchedModel`: embedding cache, then the micro-batcher's single
-model thread) or "generate"
-(OpenAI's text endpoints, through the `TextGenerator`'s continuous batching). A model gets the routers of
-what it can do; a new task adds a router and appends it. Routes reach the model, the store and the
-settings through `services(request)`; errors are JSON with a 4xx status (see `rosetta.serve.common`).
+model thread), "generate" (OpenAI's text endpoints, through the `TextGenerator`'s continuous batching) or
+"see" (captions, answers, extraction); chat completions and the chat page need "generate" or "see". A model
+gets the routers of what it can do; a new task adds a router and appends it. Routes reach the model, the
+store and the settings through `services(request)`; errors are JSON with a 4xx status (see
+`rosetta.serve.common`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from rosetta.serve.common import (
     validation_message,
 )
 from rosetta.serve.metrics import Metrics, MetricsMiddleware
-from rosetta.serve.openai import completions
+from rosetta.serve.openai import chat, completions
 from rosetta.serve.vision import vision
 
 STATIC = Path(__file__).parent / "static"
@@ -171,7 +172,8 @@ class Health(BaseModel):
 
 class Info(BaseModel):
     model: str
-    capabilities: list[str] = Field(description='"embed" (texts and images, sounds or videos), "generate" (text)')
+    capabilities: list[str] = Field(description='"embed" (texts and images, sounds or videos), "generate" (text), '
+                                                '"see" (images into text), "transcribe" (speech)')
     modalities: list[str] = Field(description='what a model that embeds takes: "text", "image", "audio", "video"')
     dim: int | None = Field(description="the embedding dimension, for a model that embeds")
     context_length: int | None = Field(description="tokens of context, for a model that generates")
@@ -268,13 +270,20 @@ retrieval = APIRouter(prefix="/v1", tags=["search"])
 embedding_page = APIRouter()
 chat_page = APIRouter()
 
-# Routers by what they need of the model (None: nothing), and whether they need the API key when one is set.
-# A new task appends its router here.
-ROUTERS: list[tuple[APIRouter, str | None]] = [
-    (embedding, "embed"), (retrieval, "embed"), (completions, "generate"), (vision, "see"), (audio, "transcribe"),
-    (monitoring, None),
+# Routers by what they need of the model (None: nothing; a tuple: any one of them), and whether they need the
+# API key when one is set. A new task appends its router here.
+Needs = str | tuple[str, ...] | None
+ROUTERS: list[tuple[APIRouter, Needs]] = [
+    (embedding, "embed"), (retrieval, "embed"), (chat, ("generate", "see")), (completions, "generate"),
+    (vision, "see"), (audio, "transcribe"), (monitoring, None),
 ]
-OPEN_ROUTERS: list[tuple[APIRouter, str | None]] = [(system, None), (embedding_page, "embed"), (chat_page, "generate")]
+OPEN_ROUTERS: list[tuple[APIRouter, Needs]] = [
+    (system, None), (embedding_page, "embed"), (chat_page, ("generate", "see")),
+]
+
+
+def _served(needs: Needs, can: set[str]) -> bool:
+    return needs is None or bool(can & ({needs} if isinstance(needs, str) else set(needs)))
 
 
 def capabilities(model) -> set[str]:
@@ -320,10 +329,13 @@ async def info(request: Request) -> Info:
         store = {"items": await run_in_threadpool(len, svc.store)}
     limits = {"max_body_bytes": s.max_body_bytes, "max_items": s.max_items, "max_text_chars": s.max_text_chars,
               "max_pixels": s.max_pixels, "max_k": s.max_k}
+    can = capabilities(svc.model)
+    if can & {"generate", "see"}:
+        limits["max_new_tokens"] = s.max_new_tokens
     if svc.generator is not None:
-        limits |= {"max_new_tokens": s.max_new_tokens, "max_sequences": s.max_sequences}
+        limits["max_sequences"] = s.max_sequences
     return Info(
-        model=s.model_name, capabilities=sorted(capabilities(svc.model)),
+        model=s.model_name, capabilities=sorted(can),
         modalities=sorted(svc.batched.modalities) if svc.batched is not None else [],
         dim=svc.batched.dim if svc.batched is not None else None,
         context_length=getattr(svc.model, "context_length", None), store=store,
@@ -729,10 +741,10 @@ def create_app(model, store=None, settings: Settings | None = None) -> FastAPI:
     protected = [Depends(require_api_key)] if settings.api_key else []
     auth_errors = error_responses(401) if settings.api_key else {}
     for router, needs in OPEN_ROUTERS:
-        if needs is None or needs in can:
+        if _served(needs, can):
             app.include_router(router)
     for router, needs in ROUTERS:
-        if needs is None or needs in can:
+        if _served(needs, can):
             app.include_router(router, dependencies=protected, responses=auth_errors)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 

@@ -19,7 +19,9 @@ def register(sub) -> None:
                     "An embedding model: POST /v1/embed, /v1/classify, /v1/search (texts, images, sounds, videos), "
                     "/v1/index; GET /v1/media for stored sounds and videos. A language model: "
                     "OpenAI's POST /v1/chat/completions and /v1/completions (continuous batching; stream: true "
-                    "for server-sent events). Both: GET /healthz, /metrics, /v1/info. "
+                    "for server-sent events). A model that reads images (a vision-language model, vendor:model "
+                    "such as openai:gpt-4o, ocr): POST /v1/caption, /v1/ask, /v1/extract and /v1/chat/completions, "
+                    "and an image panel on the page. All: GET /healthz, /metrics, /v1/info. "
                     "Listens on 127.0.0.1 unless --host says otherwise.")
     add_model_args(p)
     p.add_argument("--store", metavar="DIR", help="a store directory to search and to index uploads into")

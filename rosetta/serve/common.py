@@ -88,6 +88,7 @@ _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_f
 _DESCRIPTIONS = {400: "a body the server could not parse", 401: "missing or wrong API key", 404: "no such item",
                  413: "body, inputs or pixels over the limits",
                  415: "unsupported content type", 422: "malformed request or undecodable input",
+                 502: "a hosted model's vendor failed (after its retries) or refused the server's key",
                  503: "the model queue is full, the server is stopping, or no store is configured"}
 
 

@@ -4,6 +4,8 @@
 
 Every request becomes engine requests for the server's `TextGenerator` (continuous batching); `stream: true`
 answers with server-sent events ending in `data: [DONE]`. A client that goes away stops its sequences.
+A model the server runs no engine for (a hosted one, OCR) answers chat completions itself, as it answers
+/v1/caption and /v1/ask; a stream then carries its whole reply in one chunk.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from rosetta.generation.engine import Completion
 from rosetta.serve.common import ApiError, error_responses, services
 from rosetta.serve.generation import Stream, text_model
 
-completions = APIRouter(prefix="/v1", tags=["text generation"])
+chat = APIRouter(prefix="/v1", tags=["text generation"])  # every model that answers conversations
+completions = APIRouter(prefix="/v1", tags=["text generation"])  # a local language model's text continuations
 
 
 # Requests
@@ -169,21 +172,24 @@ class ModelList(BaseModel):
 _ERRORS = error_responses(400, 413, 415, 422, 503)
 
 
-@completions.get("/models", response_model=ModelList, summary="the model this server runs")
+@chat.get("/models", response_model=ModelList, summary="the model this server runs")
 async def list_models(request: Request) -> ModelList:
     return ModelList(data=[ModelCard(id=_model_name(request), created=int(time.time()))])
 
 
-@completions.post("/chat/completions", response_model=ChatCompletion, responses=_ERRORS,
-                  summary="the assistant's reply to a conversation (OpenAI's chat completions)")
+@chat.post("/chat/completions", response_model=ChatCompletion, responses={**_ERRORS, **error_responses(502)},
+           summary="the assistant's reply to a conversation (OpenAI's chat completions)")
 async def chat_completions(request: Request, body: ChatCompletionRequest):
     from rosetta.serve.vision import fetcher, sees
 
     svc = services(request)
-    seeing = sees(svc.model)
-    messages = [m.model_dump(exclude_none=True) if seeing else _plain(m) for m in body.messages]
     schema = _schema(body.response_format)
     max_tokens = body.max_completion_tokens or body.max_tokens
+    reply_id, created, name = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), _model_name(request)
+    if svc.generator is None:
+        return await _chat_elsewhere(svc, body, schema, max_tokens, reply_id, created, name)
+    seeing = sees(svc.model)
+    messages = [m.model_dump(exclude_none=True) if seeing else _plain(m) for m in body.messages]
 
     def prepare() -> list:
         if seeing:
@@ -195,16 +201,41 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     requests = await _prepared(prepare)
     streams = _submit(svc, requests)
     prompt_tokens = len(requests[0].prompt)
-    reply_id, created, name = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), _model_name(request)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _sse(_chat_chunks(streams, reply_id, created, name, prompt_tokens, include_usage), streams)
+        chunks = _chat_chunks(_decoded(streams), len(streams), reply_id, created, name,
+                              lambda done: _usage(prompt_tokens, done), include_usage)
+        return _sse(chunks, streams)
     done = await _finish(request, streams)
+    return _chat_completion(reply_id, created, name, done, _usage(prompt_tokens, done))
+
+
+async def _chat_elsewhere(svc, body: ChatCompletionRequest, schema, max_tokens: int | None, reply_id: str,
+                          created: int, name: str):
+    """The reply of a model that answers by itself (a hosted one, OCR): temperature, seed, the token limit and
+    the response format reach it; a stream is its whole reply in one chunk."""
+    from rosetta.serve.vision import answered_elsewhere
+
+    if body.n > 1:
+        raise ApiError(422, "unsupported", f"n={body.n}: this model gives one reply per request")
+    if body.tools:
+        raise ApiError(422, "unsupported", "tools: not passed on to this model")
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    done, usage = await answered_elsewhere(svc, [messages], body, max_tokens, schema)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _sse(_chat_chunks(_whole(done), len(done), reply_id, created, name, lambda _: usage, include_usage),
+                    [])
+    return _chat_completion(reply_id, created, name, done, usage)
+
+
+def _chat_completion(reply_id: str, created: int, name: str, done: Sequence[Completion],
+                     usage: Usage) -> ChatCompletion:
     return ChatCompletion(
         id=reply_id, created=created, model=name,
         choices=[ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
                  for i, c in enumerate(done)],
-        usage=_usage(prompt_tokens, done),
+        usage=usage,
     )
 
 
@@ -304,14 +335,19 @@ def _requests(svc, prompt: list[int], body: _Sampling, max_tokens: int | None, s
     if len(prompt) >= context:
         raise ApiError(400, "context_length_exceeded",
                        f"the prompt has {len(prompt)} tokens; this model's context window is {context}")
-    if max_tokens is not None and max_tokens > limit:
-        raise ApiError(422, "max_tokens_too_large", f"max_tokens={max_tokens}; this server's limit is {limit}")
+    check_max_tokens(svc, max_tokens)
     max_tokens = max_tokens or min(limit, context - len(prompt))
     options = dict(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
                    repetition_penalty=body.repetition_penalty, stop=stop, json_schema=schema)
     return [request(decoder, prompt, max_tokens, seed=None if body.seed is None else body.seed + i,
                     ignore_eos=body.ignore_eos, prompt_embeds=embeds, **options)
             for i in range(body.n)]
+
+
+def check_max_tokens(svc, max_tokens: int | None) -> None:
+    limit = svc.settings.max_new_tokens
+    if max_tokens is not None and max_tokens > limit:
+        raise ApiError(422, "max_tokens_too_large", f"max_tokens={max_tokens}; this server's limit is {limit}")
 
 
 def _submit(svc, requests: list) -> list[Stream]:
@@ -404,7 +440,19 @@ def _sse(chunks: AsyncIterator[dict[str, Any]], streams: list[Stream]) -> Stream
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _chat_chunks(streams, reply_id, created, name, prompt_tokens, include_usage):
+async def _decoded(streams: list[Stream]) -> AsyncIterator[tuple[int, str, Completion | None]]:
+    """(choice index, text delta, the completion once it is finished) as the engine decodes."""
+    async for i, event in _merged(streams):
+        yield i, event.text, event.sequence.completion() if event.finished else None
+
+
+async def _whole(done: Sequence[Completion]) -> AsyncIterator[tuple[int, str, Completion | None]]:
+    """The same for replies that came back whole."""
+    for i, completion in enumerate(done):
+        yield i, completion.text, completion
+
+
+async def _chat_chunks(replies, n, reply_id, created, name, usage_of, include_usage):
     def chunk(choices, usage=None):
         out = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": name,
                "choices": choices}
@@ -413,16 +461,16 @@ async def _chat_chunks(streams, reply_id, created, name, prompt_tokens, include_
         return out
 
     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
-                 for i in range(len(streams))])
+                 for i in range(n)])
     done = {}
-    async for i, event in _merged(streams):
-        if event.text:
-            yield chunk([{"index": i, "delta": {"content": event.text}, "finish_reason": None, "logprobs": None}])
-        if event.finished:
-            done[i] = event.sequence.completion()
-            yield chunk([{"index": i, "delta": {}, "finish_reason": done[i].finish_reason, "logprobs": None}])
+    async for i, text, completion in replies:
+        if text:
+            yield chunk([{"index": i, "delta": {"content": text}, "finish_reason": None, "logprobs": None}])
+        if completion is not None:
+            done[i] = completion
+            yield chunk([{"index": i, "delta": {}, "finish_reason": completion.finish_reason, "logprobs": None}])
     if include_usage:
-        yield chunk([], _usage(prompt_tokens, list(done.values())).model_dump())
+        yield chunk([], usage_of(list(done.values())).model_dump())
 
 
 async def _text_chunks(streams, echoes, reply_id, created, name, prompt_tokens, include_usage):

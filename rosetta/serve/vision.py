@@ -2,8 +2,9 @@
 
 Images come as data: URLs or bare base64; http(s) URLs only when the server was started with
 --allow-remote-images (the server would otherwise fetch whatever a request names, inside its own network).
-Every answer is decoded by the server's `TextGenerator`, with the requests of every other endpoint: the
-images are encoded off the event loop, the prompt joins the running batch as embeddings.
+Every answer of a local model is decoded by the server's `TextGenerator`, with the requests of every other
+endpoint: the images are encoded off the event loop, the prompt joins the running batch as embeddings. A model
+that answers by itself (a hosted one, OCR) is asked through its `reply_with_usage`, off the event loop.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from rosetta.errors import InputError
 from rosetta.serve.common import ApiError, Settings, error_responses, services
-from rosetta.serve.openai import Usage, _finish, _prepared, _requests, _Sampling, _submit, _usage
+from rosetta.serve.openai import Usage, _finish, _prepared, _requests, _Sampling, _submit, _usage, check_max_tokens
 
 vision = APIRouter(prefix="/v1", tags=["vision-language"])
 FETCH_TIMEOUT_S = 10.0
@@ -104,7 +105,11 @@ async def _run(request: Request, body: _ImagesRequest, conversations: list, sche
         raise ApiError(413, "too_many_items", f"{len(body.images)} images in one request; the limit is "
                                               f"{svc.settings.max_items}")
     if not sees(svc.model):
-        return await _hosted(svc, body, conversations, schema)
+        if any(i.startswith(("http://", "https://")) for i in body.images):
+            raise ApiError(422, "invalid_request", "image_url: only data: URLs are read (a hosted model is sent the "
+                                                   "image itself)")
+        done, usage = await answered_elsewhere(svc, conversations, body, body.max_tokens, schema)
+        return done, usage, svc.settings.model_name or "rosetta"
     fetch = fetcher(svc.settings)
 
     def prepare() -> list:
@@ -120,17 +125,19 @@ async def _run(request: Request, body: _ImagesRequest, conversations: list, sche
     return done, _usage(prompt_tokens, done), svc.settings.model_name or "rosetta"
 
 
-async def _hosted(svc, body: _ImagesRequest, conversations: list, schema):
-    """A hosted model's answers: its own requests to its vendor (cached, retried), off the event loop."""
+async def answered_elsewhere(svc, conversations: list, body: _Sampling, max_tokens: int | None,
+                             schema) -> tuple[list, Usage]:
+    """The replies of a model that answers by itself, one per conversation, and their usage: a hosted model's
+    own requests to its vendor (cached, retried), or OCR's reading, off the event loop."""
     from rosetta.errors import RosettaError
     from rosetta.generation.engine import Completion
 
-    if any(i.startswith(("http://", "https://")) for i in body.images):
-        raise ApiError(422, "invalid_request", "image_url: only data: URLs are read (a hosted model is sent the "
-                                               "image itself)")
+    check_max_tokens(svc, max_tokens)
     options = {k: v for k, v in (("temperature", body.temperature), ("seed", body.seed)) if v is not None}
     try:
-        texts, usage = await run_in_threadpool(svc.model.reply_with_usage, conversations, body.max_tokens or 256,
+        # A schema's JSON cut short never validates: it gets the room HostedModel.extract gives it.
+        default = 256 if schema is None else 1024
+        texts, usage = await run_in_threadpool(svc.model.reply_with_usage, conversations, max_tokens or default,
                                                json_schema=schema, **options)
     except InputError as e:
         raise ApiError(422, "invalid_request", str(e)) from None
@@ -139,7 +146,7 @@ async def _hosted(svc, body: _ImagesRequest, conversations: list, schema):
     done = [Completion(text=t, tokens=[], finish_reason="stop", prompt_tokens=0, seconds_to_first_token=None)
             for t in texts]
     return done, Usage(prompt_tokens=usage.input_tokens, completion_tokens=usage.output_tokens,
-                       total_tokens=usage.input_tokens + usage.output_tokens), svc.settings.model_name or "rosetta"
+                       total_tokens=usage.input_tokens + usage.output_tokens)
 
 
 _ERRORS = error_responses(400, 413, 422, 502, 503)

@@ -22,7 +22,28 @@ class DataConfig:
 
 
 @dataclass
+class VLMTrainConfig:
+    """What a vision-language run (task: vlm) builds and trains."""
+
+    # Compose a new model: the image tower of a contrastive model (anything rosetta.load opens) and a language
+    # model (an LM preset built untrained, or a checkpoint), joined by a new projector. Unset: `model` is a
+    # vision-language model (a preset, or a checkpoint such as a stage-1 run's).
+    vision_tower: str | None = None
+    language_model: str | None = None
+    feature_layer: int = -2  # the tower's hidden states the projector reads (LLaVA: the second last)
+    # What trains: any of vision, projector, lm (stage 1, LLaVA's alignment: the projector alone).
+    train: list[str] = field(default_factory=lambda: ["projector"])
+    # Learning rates of parts, as multiples of the recipe's lr, e.g. {vision: 0.1}: a tower tuned gently.
+    lr_scale: dict[str, float] = field(default_factory=dict)
+    # LoRA on the language model instead of training it whole: {rank, alpha, dropout, targets}; merged on save.
+    lora: dict[str, Any] | None = None
+    # Pack several conversations into rows of this many tokens (each attends to itself only); 0: one a row.
+    pack_length: int = 0
+
+
+@dataclass
 class TrainConfig:
+    task: str = "clip"  # "clip": contrastive (CLIP, SigLIP, binding); "vlm": a vision-language model
     model: str = "tiny"  # a preset (trained from scratch) or anything rosetta.load opens (fine-tuned)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {vision: {image_size: 64}}
     tokenizer_vocab: int | None = None  # train a BPE of this size on the training captions (from scratch only)
@@ -55,6 +76,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0: only at the end
     keep_checkpoints: int = 2
     peak_tflops: float | None = None  # the device's peak, for MFU; measured or looked up when unset
+    vlm: VLMTrainConfig = field(default_factory=VLMTrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -85,7 +107,7 @@ class Pairing:
         return f"{self.modality}-{self.anchor}"
 
 
-_GROUPS = {"data": DataConfig}
+_GROUPS = {"data": DataConfig, "vlm": VLMTrainConfig}
 # YAML 1.1 reads 1e-3 (no dot) as a string; recipes and overrides mean a number.
 _SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
@@ -136,6 +158,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     config = _build(TrainConfig, values, "")
     if config.batch_size % config.accum_steps:
         raise RosettaError(f"batch_size {config.batch_size} is not divisible by accum_steps {config.accum_steps}")
+    if config.task not in ("clip", "vlm"):
+        raise RosettaError(f"task {config.task!r}: expected clip or vlm")
+    unknown = (set(config.vlm.train) | set(config.vlm.lr_scale)) - {"vision", "projector", "lm"}
+    if unknown:
+        raise RosettaError(f"vlm.train, vlm.lr_scale: unknown parts {', '.join(sorted(unknown))} (vision, projector, "
+                           "lm)")
     if config.precision not in ("fp32", "bf16", "fp16"):
         raise RosettaError(f"precision {config.precision!r}: expected fp32, bf16 or fp16")
     try:

@@ -2,7 +2,8 @@
 
 `quickstart` trains a small CLIP on the built-in shapes; `bind_quickstart` then binds audio and video towers to
 its space (ImageBind's recipe) and measures what binding gives for free: spoken captions find images they were
-never paired with.
+never paired with; `vlm_quickstart` makes a vision-language model of its image tower and a small language
+model, which answers questions about the shapes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from rosetta.train.config import load_config
 # The recipe, also written out as configs/shapes.yaml for `rosetta train`.
 RECIPE = Path(__file__).with_name("shapes.yaml")
 BIND_RECIPE = Path(__file__).with_name("bind.yaml")  # also configs/bind.yaml
+VLM_RECIPE = Path(__file__).with_name("vlm-shapes.yaml")  # also configs/vlm-shapes.yaml
 DEFAULT_IMAGES = 12_000
 DEFAULT_SPOKEN, DEFAULT_VIDEOS = 2_400, 960
 
@@ -78,11 +80,8 @@ def bind_quickstart(out: str | Path = "runs/quickstart", spoken: int | None = No
     from rosetta.train.trainer import train
 
     out = Path(out)
-    data, base = out / "data", out / "run" / "model"
     began = time.perf_counter()
-    if not (base / "config.json").exists():
-        print(f"[0/4] no image-text model in {out / 'run'} yet: running the quickstart first", flush=True)
-        quickstart(out)
+    data, base = _image_text_model(out, steps=4)
     if not (data / "spoken-test.jsonl").exists():
         print(f"[1/4] speaking the shapes' captions with espeak-ng into {data}", flush=True)
         make_spoken_captions(data, spoken or DEFAULT_SPOKEN, seed=0)
@@ -118,3 +117,56 @@ def bind_quickstart(out: str | Path = "runs/quickstart", spoken: int | None = No
     if example is not None:
         print(f"try it: rosetta classify --model {model_dir} --labels \"red circle,blue square\" {example}")
     return results
+
+
+def vlm_quickstart(out: str | Path = "runs/quickstart", epochs: float | None = None, resume: bool = False) -> dict:
+    """A vision-language model from the quickstart's image tower (the quickstart is run first if `out` has no
+    model) and a small language model trained from scratch, on conversations about the shapes; then scored on
+    the test split: attribute questions (VQA accuracy) and POPE's yes/no object probes."""
+    from rosetta.data.records import read_records
+    from rosetta.data.shapes_qa import make_shape_questions
+    from rosetta.eval.generative import pope, vqa
+    from rosetta.eval.report import format_table, write_results
+    from rosetta.models.registry import load
+    from rosetta.train.trainer import train
+
+    out = Path(out)
+    began = time.perf_counter()
+    data, base = _image_text_model(out, steps=3)
+    if not (data / "test-conversations.jsonl").exists():
+        print(f"[1/3] writing questions about the shapes into {data}", flush=True)
+        make_shape_questions(data, seed=0)
+    overrides = [f"vlm.vision_tower={base}", f"out={out / 'vlm'}",
+                 f"data.train={data / 'train-conversations.jsonl'}",
+                 f"data.val=[{data / 'val-vqa.jsonl'}, {data / 'val-pope.jsonl'}]"]
+    if epochs is not None:
+        overrides.append(f"epochs={epochs}")
+    print("[2/3] training a vision-language model: the quickstart's image tower (frozen), a new projector and a "
+          "small language model", flush=True)
+    trained_at = time.perf_counter()
+    model_dir = train(load_config(VLM_RECIPE, overrides), resume=resume)
+    training_minutes = (time.perf_counter() - trained_at) / 60
+
+    print("[3/3] evaluating on the test split", flush=True)
+    model = load(model_dir)
+    results = {"vqa": vqa(model, list(read_records(data / "test-vqa.jsonl")), batch_size=64),
+               "pope": pope(model, list(read_records(data / "test-pope.jsonl")), batch_size=64)}
+    write_results(out / "vlm-results.json", results, {"dataset": "shapes", "model": str(model_dir)})
+    print(format_table(results))
+    print(f"\nattribute questions: {results['vqa']['accuracy']:.1%} right; POPE F1 {results['pope']['f1']:.3f}, "
+          f"yes-ratio {results['pope']['yes_ratio']:.2f}")
+    print(f"done in {(time.perf_counter() - began) / 60:.1f} min (training {training_minutes:.1f} min). model: "
+          f"{model_dir}  results: {out / 'vlm-results.json'}")
+    example = next(iter(sorted((data / "images" / "test").glob("*.png"))), None)
+    if example is not None:
+        print(f'try it: rosetta ask --model {model_dir} {example} "What colour is the shape?"')
+    return results
+
+
+def _image_text_model(out: Path, steps: int) -> tuple[Path, Path]:
+    """The quickstart's data folder and image-text model in `out`, the quickstart run first if it is not there."""
+    data, base = out / "data", out / "run" / "model"
+    if not (base / "config.json").exists():
+        print(f"[0/{steps}] no image-text model in {out / 'run'} yet: running the quickstart first", flush=True)
+        quickstart(out)
+    return data, base

@@ -133,6 +133,13 @@ class OcrModel:
                 out.append(self.ask(images[0], question))
         return out
 
+    def reply_with_usage(self, conversations: Sequence[Sequence[Mapping[str, Any]]], max_new_tokens: int = 256,
+                         json_schema=None, **ignored: Any):
+        """As a hosted model's (the server asks both alike): the replies, and a usage of nothing (no tokens)."""
+        from rosetta.hosted.base import Usage
+
+        return self.reply(conversations, max_new_tokens, json_schema=json_schema), Usage()
+
 
 def rows(words: list[Word]) -> list[list[Word]]:
     """Words grouped into rows: a word joins the row whose vertical middle is within half its height."""
