@@ -25,6 +25,7 @@ from rosetta.modalities.audio import (
     N_FRAMES,
     N_SAMPLES,
     SAMPLE_RATE,
+    AudioSpans,
     audio_blocks,
     find_audio,
     load_audio,
@@ -339,6 +340,24 @@ def test_streaming_through_ffmpeg_equals_loading_whole(tmp_path):
     streamed = _stream(path, block_seconds=5.0)
     assert np.array_equal(streamed, load_audio(path))
     assert len(streamed) == 40 * SAMPLE_RATE
+
+
+def test_spans_read_in_order_are_the_slices_of_the_whole(tmp_path):
+    """Spans across, inside and past the ends of blocks of a tenth of a second, from a file and from the audio
+    track of a video: each the slice of the waveform loaded whole; a span before an earlier start is refused."""
+    wav = _write_soundfile(tmp_path / "noise.wav", _noise(1.0, SAMPLE_RATE), SAMPLE_RATE, "FLOAT")
+    film = _write_av(tmp_path / "film.mp4", _noise(1.0, SAMPLE_RATE)[None], SAMPLE_RATE, video_frames=10)
+    bounds = [(0, 100), (50, 2_000), (2_000, 2_000), (3_000, 9_000), (9_000, 15_000), (15_500, 40_000),
+              (40_000, 41_000)]
+    for source in (wav, film, film.read_bytes()):
+        whole = load_audio(source)
+        spans = AudioSpans(source, SAMPLE_RATE, block_seconds=0.1)
+        for start, end in bounds:
+            assert np.array_equal(spans(start, end), whole[start:end]), (source, start, end)
+        with pytest.raises(ValueError, match="before an earlier span"):
+            spans(0, 10)
+    with pytest.raises(InputError, match="has no audio track"):
+        AudioSpans(_write_av(tmp_path / "silent.mp4", None, video_frames=5))
 
 
 # Whisper's log-mel features, against transformers'.

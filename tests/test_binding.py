@@ -4,6 +4,7 @@ accumulation, two processes and exact resume for every pairing; the evaluation o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -12,14 +13,16 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import AUDIO_TOWER, VIDEO_TOWER, write_video
+from conftest import AUDIO_TOWER, VIDEO_TOWER, hearing_model, write_video
 from safetensors.torch import load_file
 from test_train import assert_same_weights, losses, torchrun
 
 import rosetta
 from rosetta.errors import InputError, RosettaError
 from rosetta.eval.binding import binding
-from rosetta.modalities.sniff import modality_of
+from rosetta.modalities.audio import AudioSpans, load_audio
+from rosetta.modalities.sniff import media_suffix, modality_of
+from rosetta.models import contrastive
 from rosetta.models.contrastive import ContrastiveModel
 from rosetta.train.config import Pairing, load_config
 from rosetta.train.trainer import train
@@ -198,6 +201,24 @@ def test_videos_are_frames_pooled_and_their_sound_is_heard(data, hearing, tmp_pa
     assert torch.allclose(hearing.embed_videos(video)[0], plain.embed_videos(video)[0], atol=1e-6)  # silent
 
 
+def test_a_videos_sound_is_read_window_by_window_with_the_vectors_of_the_whole_track(tmp_path, monkeypatch):
+    """The windows' sound streams (in blocks narrower than a window, here) and each window's vector is what
+    cutting it from the whole decoded track gives: the frames' pooled vector plus that slice's embedding."""
+    hearing = hearing_model()
+    video = write_video(tmp_path / "tone.mp4", [(220, 30, 30), (30, 60, 220), (30, 200, 60)], tone=440.0)
+    monkeypatch.setattr(contrastive, "AudioSpans", functools.partial(AudioSpans, block_seconds=0.7))
+    rows = hearing.embed_video_segments(video, window=1.5)
+    assert [(s, e) for s, e, _ in rows] == [(0.0, 1.5), (1.5, 3.0), (3.0, 4.5), (4.5, 6.0)]
+
+    rate = hearing.config.audio.sample_rate
+    whole = load_audio(video, rate)
+    heard = [hearing.embed_audio(whole[int(s * rate) : int(e * rate)])[0] for s, e, _ in rows]
+    monkeypatch.setattr(hearing, "audio", None)  # deaf: each window's frames alone
+    seen = [v for _, _, v in hearing.embed_video_segments(video, window=1.5)]
+    for (_, _, vector), frames, sound in zip(rows, seen, heard):
+        assert torch.equal(vector, torch.nn.functional.normalize(frames + sound, dim=-1))
+
+
 def test_bad_audio_and_video_are_one_clear_error(hearing, data, tmp_path):
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"not a video at all")
@@ -216,6 +237,10 @@ def test_modalities_are_told_apart_by_suffix_bytes_and_shape(data):
     assert modality_of("x.mp4") == "video" and modality_of("x.gif") == modality_of("x.png") == "image"
     assert modality_of((data / "audio" / "0.wav").read_bytes()) == "audio"
     assert modality_of((data / "video" / "0.mp4").read_bytes()) == "video"
+    # RIFF holds more than WAV; and the suffix a sound's or video's bytes go by (an image's: none).
+    assert modality_of(b"RIFF\0\0\0\0WEBPVP8 ") == "image" and modality_of(b"RIFF\0\0\0\0AVI LIST") == "video"
+    assert media_suffix((data / "audio" / "0.wav").read_bytes()) == ".wav"
+    assert media_suffix(b"\0\0\0\x20ftypM4A \0\0\0\0") == ".m4a" and media_suffix(b"\x89PNG\r\n\x1a\n") is None
     assert modality_of(np.zeros(16_000, np.float32)) == "audio"
     assert modality_of(np.zeros((8, 8, 3), np.uint8)) == "image"
 

@@ -104,7 +104,11 @@ def test_negatives_swap_the_colours(shapes):
 def test_builtin_command(tmp_path, capsys):
     assert main(["data", "builtin", "shapes", "--n", "20", "--out", str(tmp_path), "--seed", "1",
                  "--image-size", "32"]) == 0
-    assert capsys.readouterr().err == f"wrote 20 images (16 train, 2 val, 2 test) to {tmp_path}\n"
+    assert capsys.readouterr().err == (
+        f"wrote 20 images (16 train, 2 val, 2 test) to {tmp_path}\n"
+        f"wrote 120 questions about them (conversations, VQA, POPE) (96 train, 12 val, 12 test) to {tmp_path}\n")
+    assert len((tmp_path / "val-vqa.jsonl").read_text().splitlines()) == 2 * 4
+    assert len((tmp_path / "val-conversations.jsonl").read_text().splitlines()) == 2
     assert Image.open(tmp_path / "images" / "val" / "val-000001.png").size == (32, 32)
     assert main(["data", "builtin", "shapes", "--n", "0", "--out", str(tmp_path)]) == 2
     with pytest.raises(RosettaError, match="image-size"):

@@ -205,6 +205,34 @@ def test_embed_audio_matches_transformers_clip_by_clip(hf_clap, recordings, tmp_
     assert (hf_clap.ours.embed_audio(path) - theirs[:1]).abs().max().item() <= ATOL
 
 
+def test_segments_are_windows_of_ten_seconds_each_embedded_as_if_cut_out(hf_clap, tmp_path):
+    """A recording of different parts (noise, a tone, silence, then a tail): one row per consecutive 10-s window,
+    its vector `embed_audio`'s of that window alone, from an array or a file, in one batch or several; a tail
+    under a quarter of a window is dropped, as the audio tower's windows drop it."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(1)
+    t = np.arange(10 * RATE) / RATE
+    parts = [(0.2 * rng.standard_normal(10 * RATE)).astype(np.float32),
+             (0.3 * np.sin(2 * np.pi * 880 * t)).astype(np.float32), np.zeros(3 * RATE, np.float32)]
+    whole = np.concatenate(parts)
+    expected = hf_clap.ours.embed_audio(parts)
+    assert not torch.allclose(expected[0], expected[1], atol=1e-2)
+    path = tmp_path / "parts.wav"
+    sf.write(path, whole, RATE, subtype="FLOAT")
+    for source, batch_size in ((whole, 16), (path, 2)):
+        rows = hf_clap.ours.embed_audio_segments(source, batch_size=batch_size)
+        assert [(start, end) for start, end, _ in rows] == [(0.0, 10.0), (10.0, 20.0), (20.0, 23.0)]
+        vectors = torch.stack([vector for _, _, vector in rows])
+        assert (vectors - expected).abs().max().item() <= 1e-6
+        assert torch.allclose(vectors.norm(dim=-1), torch.ones(3))
+    # The tail of one second past the last whole window is dropped; a short clip is its own window.
+    rows = hf_clap.ours.embed_audio_segments(np.concatenate([parts[0], parts[2][:RATE]]))
+    assert [(start, end) for start, end, _ in rows] == [(0.0, 10.0)]
+    (start, end, vector), = hf_clap.ours.embed_audio_segments(parts[2])
+    assert (start, end) == (0.0, 3.0) and torch.allclose(vector, expected[2], atol=1e-6)
+
+
 def test_text_embeddings_and_tokens_match(hf_clap):
     ids, mask = hf_clap.ours.tokenize(TEXTS)
     reference = hf_clap.tokenizer(TEXTS, padding=True, return_tensors="pt")

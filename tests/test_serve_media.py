@@ -3,6 +3,8 @@ a recording the match is and a URL to play it from, and a one-line 4xx for every
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import hearing_model, write_tones, write_video
@@ -12,7 +14,7 @@ from test_serve import error_of, png
 import rosetta
 from rosetta.serve import Settings, create_app
 from rosetta.store import open_store
-from rosetta.store.index import index_source, model_name
+from rosetta.store.index import file_rows, index_source, model_name, quote, segment_id
 
 LOW, HIGH = 300, 1500
 
@@ -141,10 +143,73 @@ def test_a_model_of_sounds_only_is_served_and_indexed(media, tmp_path):
         r = client.post("/v1/search", files=[upload(media, "short.wav", "audio")], data={"k": "2"})
         assert r.status_code == 200, r.text
         best = r.json()["hits"][0]
-        assert best["id"] == str(media["short.wav"]) and (best["start"], best["end"]) == (0.0, None)
+        assert best["id"] == str(media["short.wav"]) and (best["start"], best["end"]) == (0.0, 0.5)  # one window
         r = client.post("/v1/classify", data={"labels": ["a dog", "a bell"]},
                         files=[upload(media, "short.wav", "audio")])
         assert r.status_code == 200 and sum(r.json()["probs"].values()) == pytest.approx(1.0, abs=1e-4)
         r = client.post("/v1/embed", files={"images": ("p.png", png(0))})
         assert (r.status_code, error_of(r)["message"]) == (422, "this model does not embed images")
+        # Uploaded for indexing: a sound in CLAP's windows; a video refused, naming why.
+        r = client.post("/v1/index", files=[upload(media, "long.wav", "files")])
+        assert r.status_code == 200, r.text
+        uploaded = r.json()["indexed"][0]["id"]
+        assert [m["end"] for m in store.metadata(file_rows(store.hashes(), uploaded)).values()] == [2.88]
+        r = client.post("/v1/index", files=[upload(media, "loud.mp4", "files")])
+        assert (r.status_code, error_of(r)["message"]) == (422, "this model does not embed videos")
+    store.close()
+
+
+def _windows(store, file: str) -> list[tuple[float, float]]:
+    rows = store.metadata(file_rows(store.hashes(), file))
+    return [(rows[row]["start"], rows[row]["end"]) for row in file_rows(rows, file)]
+
+
+def test_index_takes_sounds_and_videos_stored_window_by_window_as_the_cli_stores_them(hearing, media, tmp_path):
+    store = open_store(tmp_path / "store", model=model_name(hearing), dim=64)
+    settings = Settings(max_items=8, max_body_bytes=2_000_000, max_audio_seconds=3.0)
+    with TestClient(create_app(hearing, store, settings)) as client:
+        unnamed = ("files", ("clip", media["short.wav"].read_bytes()))  # told apart by its bytes
+        r = client.post("/v1/index", files=[upload(media, "long.wav", "files"), upload(media, "loud.mp4", "files"),
+                                            ("files", ("p.png", png(0))), unnamed])
+        assert r.status_code == 200, r.text
+        saved = {item["filename"]: Path(item["path"]) for item in r.json()["indexed"]}
+        assert [saved[n].suffix for n in ("long.wav", "loud.mp4", "p.png", "clip")] == [".wav", ".mp4", ".png", ".wav"]
+        assert r.json()["count"] == len(store)
+
+        # The rows, and the vectors, of the model's own windows.
+        for name, segments in (("long.wav", hearing.embed_audio_segments(media["long.wav"])),
+                               ("loud.mp4", hearing.embed_video_segments(media["loud.mp4"]))):
+            file = str(saved[name])
+            assert _windows(store, file) == [(round(s, 3), round(e, 3)) for s, e, _ in segments]
+            found = store.search(np.stack([v.numpy() for _, _, v in segments]), k=1, where=f"path = {quote(file)}")
+            assert [hits[0].id for hits in found] == [segment_id(file, i) for i in range(len(segments))]
+            assert all(hits[0].score == pytest.approx(1.0, abs=1e-5) for hits in found)
+        assert 'modality="audio_segments"' in client.get("/metrics").text  # on the model's thread
+
+        # Past the server's limits, or not decodable: a 4xx naming the upload, and nothing saved.
+        before = sorted(saved["p.png"].parent.iterdir())
+        over = write_tones(tmp_path / "over.wav", (LOW, 3.5)).read_bytes()
+        for files, status, code, reason in (
+            ([("files", ("over.wav", over))], 413, "audio_too_long", "over.wav: longer than the limit of 3 s"),
+            ([upload(media, "colours.mp4", "files")], 413, "video_too_long", "colours.mp4: longer than the limit"),
+            ([("files", ("bad.mp4", b"\x00\x00\x00\x18ftypmp42 garbage"))], 422, "invalid_video", "bad.mp4: "),
+            ([upload(media, "short.wav", "files")] * 9, 413, "too_many_items", "the limit is 8"),
+        ):
+            r = client.post("/v1/index", files=[*files, ("files", ("q.png", png(1)))])
+            assert (r.status_code, error_of(r)["code"]) == (status, code) and reason in error_of(r)["message"], r.text
+        assert sorted(saved["p.png"].parent.iterdir()) == before
+    store.close()
+
+
+def test_index_by_a_model_without_an_audio_tower_refuses_a_sound_and_takes_a_video(model, media, tmp_path):
+    store = open_store(tmp_path / "store", model=model_name(model), dim=64)
+    with TestClient(create_app(model, store, Settings(model_name="tiny"))) as client:
+        r = client.post("/v1/index", files=[("files", ("p.png", png(0))), upload(media, "short.wav", "files")])
+        assert (r.status_code, error_of(r)["code"]) == (422, "unsupported_input")
+        assert error_of(r)["message"] == "this model has no audio tower: it cannot embed sounds"
+        assert len(store) == 0
+        r = client.post("/v1/index", files=[upload(media, "colours.mp4", "files")])
+        assert r.status_code == 200, r.text
+        windows = [(round(s, 3), round(e, 3)) for s, e, _ in model.embed_video_segments(media["colours.mp4"])]
+        assert _windows(store, r.json()["indexed"][0]["id"]) == windows and len(windows) == 1  # a CLIP watches
     store.close()

@@ -210,6 +210,18 @@ def test_lora_trains_adapters_and_saves_them_merged(shapes, tower, tmp_path):
             assert torch.equal(value, before[name])  # the base weights stayed frozen
 
 
+def test_parts_train_at_their_own_learning_rates(shapes, tower, tmp_path):
+    from rosetta.train.vlm import VLMTrainer
+
+    cfg = load_config(recipe(shapes, tower, tmp_path / "run", lr=1e-3,
+                             vlm={"train": ["vision", "projector", "lm"], "lr_scale": {"vision": 0.1}}))
+    trainer = VLMTrainer(cfg)
+    rates = {id(p): g["initial_lr"] for g in trainer.optimizer.param_groups for p in g["params"]}  # before warmup
+    assert all(rates[id(p)] == pytest.approx(1e-4) for p in trainer.model.vision.parameters())
+    assert all(rates[id(p)] == pytest.approx(1e-3) for p in trainer.model.lm.parameters())
+    assert len(rates) == sum(1 for _ in trainer.model.parameters())
+
+
 def test_lora_merges_to_the_same_function():
     from rosetta.nn.lora import add_lora, merge_lora
 

@@ -4,8 +4,9 @@ WAV, FLAC and Ogg go through soundfile (libsndfile); anything else libsndfile ca
 builds, M4A/AAC, Opus in WebM, the audio track of a video — through PyAV (FFmpeg). Channels are averaged to
 mono and the rate converted with soxr, a band-limited resampler (plain interpolation would alias).
 
-Long recordings never need to fit in memory: `audio_blocks` decodes and resamples them block by block;
-`load_audio` reads a whole clip, refusing one longer than its duration limit.
+Long recordings never need to fit in memory: `audio_blocks` decodes and resamples them block by block, and
+`AudioSpans` cuts spans out of that stream in order; `load_audio` reads a whole clip, refusing one longer
+than its duration limit.
 """
 
 from __future__ import annotations
@@ -81,6 +82,39 @@ def audio_blocks(audio: AudioInput, sample_rate: int = SAMPLE_RATE, block_second
     except _NotForSoundfile:
         pass
     yield from _pyav_blocks(audio, name, sample_rate, block_seconds)
+
+
+class AudioSpans:
+    """Spans of a recording, asked for in the order of their starts, cut from `audio_blocks` as it is read:
+    the samples before the latest start are let go, so that a span and a block are held, never the whole
+    recording. A span's samples equal the same slice of `load_audio`'s waveform (the same blocks, joined).
+
+    Raises NoAudioTrack (or InputError) on construction, where `load_audio` would: the first block is read then.
+    """
+
+    def __init__(self, audio: AudioInput, sample_rate: int = SAMPLE_RATE, block_seconds: float = 30.0,
+                 source_rate: int | None = None):
+        self.sample_rate = sample_rate
+        self._blocks = audio_blocks(audio, sample_rate, block_seconds, source_rate)
+        self._buffer = next(self._blocks, np.zeros(0, np.float32))
+        self._offset = 0  # the index, in the whole recording, of the buffer's first sample
+        self._ended = False
+
+    def __call__(self, start: int, end: int) -> np.ndarray:
+        """Samples [start, end) (fewer, or none, past the end of the recording)."""
+        if start < self._offset:
+            raise ValueError(f"span from sample {start}: before an earlier span's start ({self._offset})")
+        pieces, held = [self._buffer], self._offset + len(self._buffer)
+        while held < end and not self._ended:
+            block = next(self._blocks, None)
+            if block is None:
+                self._ended = True
+            else:
+                pieces.append(block)
+                held += len(block)
+        buffer = np.concatenate(pieces) if len(pieces) > 1 else self._buffer
+        self._buffer, self._offset = buffer[min(start - self._offset, len(buffer)) :], start
+        return self._buffer[: max(0, end - start)]
 
 
 class _NotForSoundfile(Exception):

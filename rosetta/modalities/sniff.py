@@ -19,14 +19,17 @@ from rosetta.modalities.video import VIDEO_SUFFIXES
 
 MODALITIES = ("image", "audio", "video")
 
-# File signatures: (offset, bytes) -> modality. MP4/MOV carry "ftyp" at byte 4; Matroska and WebM (audio or
-# video: taken as video, which says whether it has an audio track) start with EBML's magic.
+# File signatures: (offset, bytes) -> modality, and the suffix such a file goes by. MP4/MOV carry "ftyp" at
+# byte 4; Matroska and WebM (audio or video: taken as video, which says whether it has an audio track) start
+# with EBML's magic. RIFF holds WAV, but also AVI and WebP: its form type (byte 8) tells them apart.
 _SIGNATURES = (
-    (0, b"RIFF", "audio"), (0, b"fLaC", "audio"), (0, b"OggS", "audio"), (0, b"ID3", "audio"),
-    (0, b"\xff\xfb", "audio"), (0, b"\xff\xf3", "audio"), (0, b"\xff\xf1", "audio"), (0, b"\xff\xf9", "audio"),
-    (4, b"ftyp", "video"), (0, b"\x1a\x45\xdf\xa3", "video"),
+    (0, b"RIFF", "audio", ".wav"), (0, b"fLaC", "audio", ".flac"), (0, b"OggS", "audio", ".ogg"),
+    (0, b"ID3", "audio", ".mp3"), (0, b"\xff\xfb", "audio", ".mp3"), (0, b"\xff\xf3", "audio", ".mp3"),
+    (0, b"\xff\xf1", "audio", ".aac"), (0, b"\xff\xf9", "audio", ".aac"),
+    (4, b"ftyp", "video", ".mp4"), (0, b"\x1a\x45\xdf\xa3", "video", ".mkv"),
 )
 _AUDIO_ONLY_BRANDS = (b"M4A ", b"M4B ", b"dash")  # MP4 containers that hold sound only
+_RIFF_FORMS = {b"AVI ": ("video", ".avi"), b"WEBP": ("image", None)}  # any other form is taken as WAV
 
 
 def modality_of(item) -> str:
@@ -58,10 +61,23 @@ def find_media(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return found
 
 
+def media_suffix(data: bytes) -> str | None:
+    """The suffix a sound or video file of these bytes goes by (".wav", ".m4a", ".mp4"...; None for an image),
+    so that saved uploads are read as what they are by a path's suffix (`modality_of`) and served with their
+    media type."""
+    return _identify(bytes(data[:16]))[1]
+
+
 def _sniff(head: bytes) -> str:
-    for offset, magic, modality in _SIGNATURES:
+    return _identify(head)[0]
+
+
+def _identify(head: bytes) -> tuple[str, str | None]:
+    for offset, magic, modality, suffix in _SIGNATURES:
         if head[offset : offset + len(magic)] == magic:
             if magic == b"ftyp" and head[8:12] in _AUDIO_ONLY_BRANDS:
-                return "audio"
-            return modality
-    return "image"
+                return "audio", ".m4a"
+            if magic == b"RIFF":
+                return _RIFF_FORMS.get(head[8:12], (modality, suffix))
+            return modality, suffix
+    return "image", None

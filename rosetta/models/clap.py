@@ -33,7 +33,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from torch import nn
 
 from rosetta.errors import InputError, RosettaError
-from rosetta.modalities.audio import AudioInput, load_audio
+from rosetta.modalities.audio import AudioInput, AudioSpans, describe, load_audio
 from rosetta.modalities.clap_features import ClapFeatureConfig, ClapFeatureExtractor
 from rosetta.modalities.text import TextTokenizer, load_tokenizer_files
 from rosetta.models.contrastive import ContrastiveModel, _batches
@@ -525,6 +525,44 @@ class ClapModel(nn.Module):
             features, is_longer = self.preprocess(batch, sample_rate, seed)
             out.append(self.encode_audio(features.to(self.device), is_longer.to(self.device)))
         return F.normalize(torch.cat(out).float(), dim=-1) if out else self._empty()
+
+    @torch.inference_mode()
+    def embed_audio_segments(self, audio: AudioInput, batch_size: int = 16, sample_rate: int | None = None,
+                             seed: int | None = 0) -> list[tuple[float, float, torch.Tensor]]:
+        """(start s, end s, embedding [D]) of each consecutive window of a clip, of the features' length (10 s):
+        where in a recording a sound is. Each window's embedding is `embed_audio`'s of that window cut out. As
+        for `ContrastiveModel.embed_audio_segments`, a last window shorter than a quarter of one is dropped
+        unless it is the only one; a window ends where the clip does, if sooner. The clip is read window by
+        window: a long recording is never held whole."""
+        rate = self.config.features.sampling_rate
+        samples = self.config.features.max_samples
+        spans = AudioSpans(audio, rate, source_rate=sample_rate)
+        rows: list[tuple[float, float, torch.Tensor]] = []
+        pending: list[tuple[int, np.ndarray]] = []
+
+        def flush() -> None:
+            vectors = self.embed_audio([clip for _, clip in pending], batch_size=batch_size, seed=seed)
+            rows.extend(((start / rate, (start + len(clip)) / rate, vector)
+                         for (start, clip), vector in zip(pending, vectors)))
+            pending.clear()
+
+        start = 0
+        while True:
+            # Copied: a view would keep the reader's whole buffer alive while the batch fills.
+            clip = spans(start, start + samples).copy()
+            if not len(clip) or (start and len(clip) < samples // 4):
+                break
+            pending.append((start, clip))
+            if len(pending) == batch_size:
+                flush()
+            if len(clip) < samples:
+                break
+            start += samples
+        if pending:
+            flush()
+        if not rows:
+            raise InputError(f"{describe(audio)}: no audio (zero samples)")
+        return rows
 
     @torch.inference_mode()
     def embed_texts(self, texts: str | Sequence[str], batch_size: int = 256, progress: bool | None = None,

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -14,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rosetta.errors import InputError
-from rosetta.modalities.audio import AudioInput, NoAudioTrack, load_audio, log_mel_spectrogram, pad_or_trim
+from rosetta.modalities.audio import AudioInput, AudioSpans, NoAudioTrack, load_audio, log_mel_spectrogram, pad_or_trim
 from rosetta.modalities.image import ImageInput, load_image, preprocess
 from rosetta.modalities.sniff import modality_of
 from rosetta.modalities.text import TextTokenizer, byte_tokenizer, clip_bpe, load_tokenizer_files
@@ -316,8 +317,8 @@ class ContrastiveModel(nn.Module):
     def embed_video_segments(self, video: VideoInput, window: float | None = None
                              ) -> list[tuple[float, float, torch.Tensor]]:
         """(start s, end s, embedding [D]) of consecutive windows of a video (default: `max_frames` frames at
-        the config's rate): for finding the moment something happens. Frames stream: a long video is never
-        held in memory, only one embedding per frame."""
+        the config's rate): for finding the moment something happens. Frames and sound stream: a long video is
+        never held in memory, only one embedding per frame and the sound of about one window."""
         cfg = self.video_config
         window = window or cfg.max_frames / cfg.fps
         if window <= 0:
@@ -336,12 +337,14 @@ class ContrastiveModel(nn.Module):
         frame_vectors = torch.cat(vectors)
         end_of_video = times[-1] + 1 / cfg.fps
         index = torch.tensor([int(t // window) for t in times])
-        sound = self._sound(video)
+        spans = self._sound_spans(video)
+        rate = self.config.audio.sample_rate if spans is not None else 0
         rows = []
-        for k in index.unique().tolist():
+        for k in index.unique().tolist():  # ascending: each window's sound is read after the one before
             start, end = k * window, min((k + 1) * window, end_of_video)
             vector = self._pool_frames(frame_vectors[index == k])
-            rows.append((start, end, self._with_sound(vector, sound, (start, end))))
+            sound = spans(int(start * rate), int(end * rate)) if spans is not None else None
+            rows.append((start, end, self._with_sound(vector, sound)))
         return rows
 
     def _pool_frames(self, frame_vectors: torch.Tensor) -> torch.Tensor:
@@ -362,17 +365,21 @@ class ContrastiveModel(nn.Module):
         except NoAudioTrack:
             return None
 
-    def _with_sound(self, vector: torch.Tensor, sound: torch.Tensor | None, span: tuple[float, float] | None = None
-                    ) -> torch.Tensor:
-        """The video vector, averaged with its sound's embedding (of `span` seconds) where the model hears."""
-        if sound is None:
+    def _sound_spans(self, video: VideoInput) -> AudioSpans | None:
+        """A video's audio track at the audio tower's rate, to be read window by window (a long video's sound
+        is never held whole), or None (no audio tower, or a silent video)."""
+        if self.audio is None:
+            return None
+        try:
+            return AudioSpans(video, self.config.audio.sample_rate)
+        except NoAudioTrack:
+            return None
+
+    def _with_sound(self, vector: torch.Tensor, sound: torch.Tensor | np.ndarray | None) -> torch.Tensor:
+        """The video vector, averaged with its sound's embedding where the model hears (and there is sound)."""
+        if sound is None or not len(sound):
             return vector
-        if span is not None:
-            rate = self.config.audio.sample_rate
-            sound = sound[int(span[0] * rate) : int(span[1] * rate)]
-            if not len(sound):
-                return vector
-        heard = self.embed_audio(sound.numpy())[0]
+        heard = self.embed_audio(sound.numpy() if isinstance(sound, torch.Tensor) else sound)[0]
         return F.normalize(vector + heard, dim=-1)
 
     def _audio_config(self) -> AudioConfig:

@@ -569,23 +569,31 @@ def _jsonable(metadata: dict[str, Any]) -> dict[str, Any]:
 
 
 @retrieval.post(
-    "/index", response_model=IndexResponse, summary="upload images: saved under the store's uploads folder, indexed",
-    description="Every file must decode as an image; if one does not, nothing is saved and the answer names it.",
+    "/index", response_model=IndexResponse,
+    summary="upload images, sounds and videos: saved under the store's uploads folder, indexed",
+    description="Each file is told apart by its bytes (a sound or a video named with a sound's or video's suffix "
+                "keeps it, as `rosetta index` goes by it) and stored as `rosetta index` stores it: an image as "
+                "one row, a sound or a video window by window. Every file must decode (a sound needs a model "
+                "that hears, and no sound or video may be longer than the server's limit); if one does not, "
+                "nothing is saved and the answer names it.",
     responses=error_responses(400, 413, 415, 422, 503),
 )
 async def index_route(
-    request: Request, files: Annotated[list[UploadFile], File(description="image files to add to the store")],
+    request: Request,
+    files: Annotated[list[UploadFile], File(description="image, sound and video files to add to the store")],
 ) -> IndexResponse:
     svc = services(request)
     store = _require_store(svc)
     _check_count("files", len(files), svc.settings.max_items)
     if not files:
-        raise ApiError(422, "empty_request", "files: upload at least one image")
+        raise ApiError(422, "empty_request", "files: upload at least one image, sound or video")
     blobs, names = await _read_uploads(files)
-    svc.metrics.items.labels("/v1/index", "image").inc(len(blobs))
-    await _check_images(svc, blobs, names)
+    kinds = [_upload_kind(blob, name) for blob, name in zip(blobs, names)]
+    for modality in _QUERIES:
+        svc.metrics.items.labels("/v1/index", modality).inc(sum(m == modality for m, _ in kinds))
+    await _check_uploads(svc, blobs, names, [modality for modality, _ in kinds])
     async with svc.store_lock:
-        items = await run_in_threadpool(_save_and_index, svc, store, blobs, names)
+        items = await run_in_threadpool(_save_and_index, svc, store, blobs, names, kinds)
         count = await run_in_threadpool(len, store)
     return IndexResponse(indexed=items, count=count)
 
@@ -593,6 +601,40 @@ async def index_route(
 async def _check_images(svc: Services, blobs: Sequence[bytes], names: Sequence[str]) -> None:
     """Decode every upload before anything else happens, so that a bad one is named and nothing is saved."""
     await run_in_threadpool(lambda: [svc.batched.preprocess(blob, name) for blob, name in zip(blobs, names)])
+
+
+async def _check_uploads(svc: Services, blobs: Sequence[bytes], names: Sequence[str], modalities: Sequence[str]
+                         ) -> None:
+    """Refuse, before anything is saved, any upload the model cannot take: not decodable, over the pixel or
+    length limits, or of a modality the model has no tower for; the 4xx names it."""
+
+    def check() -> None:
+        for blob, name, modality in zip(blobs, names, modalities):
+            try:
+                if modality == "image":
+                    svc.batched.preprocess(blob, name)
+                else:
+                    svc.batched.check(modality, blob, name)
+            except InputError as e:
+                raise input_error(e, modality) from None
+
+    await run_in_threadpool(check)
+
+
+def _upload_kind(blob: bytes, name: str) -> tuple[str, str]:
+    """An upload's modality and the suffix it is saved with, so that the uploads folder is itself an indexable
+    folder: an image's by its format; a sound's or video's its own name's, where that names one, else by its
+    bytes (the index tells sounds from videos by suffix, and Matroska or MP4 bytes may be either)."""
+    from rosetta.modalities.audio import AUDIO_SUFFIXES, VIDEO_SUFFIXES
+    from rosetta.modalities.sniff import media_suffix, modality_of
+
+    suffix = media_suffix(blob)
+    if suffix is None:
+        return "image", _suffix(blob)
+    own = Path(name).suffix.lower()
+    if own in AUDIO_SUFFIXES | VIDEO_SUFFIXES:
+        suffix = own
+    return modality_of(f"upload{suffix}"), suffix
 
 
 def uploads_dir(store: Any) -> Path:
@@ -606,22 +648,41 @@ def uploads_dir(store: Any) -> Path:
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def _save_and_index(svc: Services, store: Any, blobs: list[bytes], names: list[str]) -> list[IndexedItem]:
+def _save_and_index(svc: Services, store: Any, blobs: list[bytes], names: list[str],
+                    kinds: list[tuple[str, str]]) -> list[IndexedItem]:
+    """Save the uploads and index them as `rosetta index` indexes files (through the batched model). A file the
+    checks passed that still fails to index (a video without frames) is named in a 4xx and its saved copy
+    removed; the others stay indexed."""
     from rosetta.files import atomic_write
     from rosetta.store.index import file_id, index_files
 
     folder = uploads_dir(store)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for blob, name in zip(blobs, names):
+    paths, written = [], set()
+    for blob, name, (_, suffix) in zip(blobs, names, kinds):
         stem = _UNSAFE.sub("_", Path(name).stem)[:64].strip("._") or "upload"
-        path = folder / f"{hashlib.sha256(blob).hexdigest()[:16]}-{stem}{_suffix(blob)}"  # same bytes, same file
+        path = folder / f"{hashlib.sha256(blob).hexdigest()[:16]}-{stem}{suffix}"  # same bytes, same file
         if not path.exists():
             atomic_write(path, lambda f, blob=blob: f.write(blob))
+            written.add(path)
         paths.append(path)
     report = index_files(svc.batched, store, paths, batch_size=svc.settings.max_batch, progress=False)
     if report.failed:
-        raise ApiError(422, "invalid_image", "; ".join(report.failed))
+        indexed = set(report.ids)
+        failed = [(name, path, modality) for name, path, (modality, _) in zip(names, paths, kinds)
+                  if file_id(path) not in indexed]
+        for _, path, _ in failed:
+            if path in written:
+                path.unlink(missing_ok=True)
+
+        def reason(path: Path) -> str:  # the report names the saved file; the client knows its upload's name
+            line = next((line for line in report.failed if line.startswith(f"{path}: ")), "")
+            return line.removeprefix(f"{path}: ") or "not indexed"
+
+        message = "; ".join(f"{name}: {reason(path)}" for name, path, _ in failed)
+        if len(failed) < len(paths):
+            message += f" (the other {len(paths) - len(failed)} files were indexed)"
+        raise input_error(InputError(message), failed[0][2] if failed else "image")
     return [IndexedItem(id=file_id(p), path=str(p), filename=n) for p, n in zip(paths, names)]
 
 

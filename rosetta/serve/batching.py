@@ -7,7 +7,8 @@ model once, and hands each job its rows. With batching off each job runs alone (
 inputs per call), which is the baseline the benchmark compares against.
 
 Videos run one to a batch (`batch_limits`): the model embeds them one by one anyway, and one that
-fails to decode must fail alone.
+fails to decode must fail alone. So do the window-by-window embeddings of a sound or a video that
+indexing asks for ("audio_segments", "video_segments"): each is a whole file's rows.
 
 `BatchedModel` is the model as the server's handlers see it: the embedding cache first, then the
 batcher. It offers `embed_texts` / `embed_images` / `embed_audio` / `embed_videos` like the model
@@ -37,7 +38,7 @@ from rosetta.modalities.image import MAX_PIXELS, ImageInput, describe, load_imag
 from rosetta.serve.cache import EmbeddingCache, content_key
 from rosetta.serve.metrics import Metrics
 
-Runner = Callable[[list[Any]], np.ndarray]
+Runner = Callable[[list[Any]], Any]  # rows: an array, or (segments) a list with one entry per item
 
 
 class Overloaded(RuntimeError):
@@ -197,8 +198,10 @@ def embedded_modalities(model) -> set[str]:
     return can
 
 
-# Videos one per model call: see the module docstring.
-BATCH_LIMITS = {"video": 1}
+# Videos, and each recording's windows, one per model call: see the module docstring.
+BATCH_LIMITS = {"video": 1, "audio_segments": 1, "video_segments": 1}
+# The model's window-by-window calls (for indexing), and the runner each goes through.
+SEGMENT_CALLS = {"embed_audio_segments": "audio_segments", "embed_video_segments": "video_segments"}
 # What a model that lacks a modality answers when given one.
 CANNOT = {"image": "this model does not embed images", "audio": "this model has no audio tower: it cannot embed sounds",
           "video": "this model does not embed videos"}
@@ -221,7 +224,11 @@ def model_runners(model) -> dict[str, Runner]:
         return model.embed_videos(files).cpu().numpy()
 
     runners = {"image": images, "text": texts, "audio": audio, "video": videos}
-    return {modality: runners[modality] for modality in embedded_modalities(model)}
+    out = {modality: runners[modality] for modality in embedded_modalities(model)}
+    for call, job in SEGMENT_CALLS.items():
+        if job.split("_")[0] in out and callable(getattr(model, call, None)):
+            out[job] = lambda files, call=call: [getattr(model, call)(file) for file in files]
+    return out
 
 
 class BatchedModel:
@@ -248,8 +255,12 @@ class BatchedModel:
         return self.model.config.embed_dim
 
     def __getattr__(self, name: str):  # anything else a library function asks of a model
-        if name == "model":  # not set yet (copying, unpickling): do not recurse
+        if name in ("model", "batcher"):  # not set yet (copying, unpickling): do not recurse
             raise AttributeError(name)
+        job = SEGMENT_CALLS.get(name)
+        if job is not None and job in self.batcher.runners:
+            # Indexing a recording runs on the model's thread too, rather than beside it on the caller's.
+            return lambda item: self.batcher.run(job, [item])[0]
         return getattr(self.model, name)
 
     # Texts

@@ -266,8 +266,8 @@ def _add_segments(model: Any, store: VectorStore, name: str, file: _File, known:
 
 
 def _segments(model: Any, modality: str, path: str) -> list[tuple[float, float | None, torch.Tensor]]:
-    """(start s, end s, embedding) of each window of a sound or video file, as the model cuts it; a model that
-    embeds whole clips only (CLAP) gives one row for the whole sound, its end unknown."""
+    """(start s, end s, embedding) of each window of a sound or video file, as the model cuts it (ours, and CLAP
+    in 10-s windows); a model that embeds whole clips only gives one row for the whole sound, its end unknown."""
     if modality == "video":
         if not callable(getattr(model, "embed_video_segments", None)):
             raise InputError("this model does not embed videos")

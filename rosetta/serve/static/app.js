@@ -252,14 +252,14 @@ function renderClassification(result) {
 
 async function indexFiles() {
   const files = $("index-files").files;
-  if (!files.length) { show("Choose images to add first."); return; }
+  if (!files.length) { show("Choose images, sounds or videos to add first."); return; }
   const form = new FormData();
   for (const file of files) form.append("files", file);
   const button = $("index-btn");
   button.disabled = true;
   try {
     const result = await (await api("/v1/index", { method: "POST", body: form })).json();
-    show(`Added ${result.indexed.length} image(s); the store holds ${result.count}.`, true);
+    show(`Added ${result.indexed.length} file(s); the store holds ${result.count}.`, true);
     $("index-files").value = "";
     refreshInfo();
   } catch (e) {
