@@ -77,7 +77,7 @@ def test_vqa_scores_per_type_and_skips_what_fails():
 
 
 def test_pope_precision_recall_f1_and_yes_ratio():
-    probes = [("q1", "yes", "Yes, there is."), ("q2", "yes", "No."), ("q3", "no", "There isn't."),
+    probes = [("q1", "yes", "Yes, there is."), ("q2", "yes", "No."), ("q3", "no", "There is not."),
               ("q4", "no", "yes"), ("q5", "yes", "yes")]
     records = [{"image": "a.png", "question": q, "answer": a, "type": "random"} for q, a, _ in probes]
     result = pope(Parrot({q: said for q, _, said in probes}), records)
@@ -85,7 +85,8 @@ def test_pope_precision_recall_f1_and_yes_ratio():
     assert result["precision"] == pytest.approx(2 / 3) and result["recall"] == pytest.approx(2 / 3)
     assert result["f1"] == pytest.approx(2 / 3) and result["accuracy"] == pytest.approx(3 / 5)
     assert result["yes_ratio"] == pytest.approx(3 / 5) and result["random_f1"] == result["f1"]
-    assert not said_yes("It is not there") and said_yes("Yes") and not said_yes("no")
+    assert not said_yes("It is not there") and said_yes("Yes") and not said_yes("No, it is not.")
+    assert said_yes("Yes. No cat is there.")  # POPE reads the first sentence only
 
 
 def test_bleu_and_cider_match_pycocoevalcap():

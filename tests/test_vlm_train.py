@@ -92,6 +92,49 @@ def test_training_ids_target_the_replies_and_their_prompts_are_what_inference_se
     assert sum(i == model.config.image_token_id for i in ids) == model.config.image_tokens
 
 
+def test_training_ids_are_the_whole_conversation_tokenised_at_once_for_word_start_tokenisers():
+    """SentencePiece-style tokenisers (Llama's, LLaVA-1.5's) mark word starts: a reply tokenised on its own
+    would gain a token; the ids must be the whole rendered conversation's."""
+    import dataclasses
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from rosetta.modalities.text import LMTokenizer
+    from rosetta.models.vlm import PRESETS, VisionLanguageModel
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.train_from_iterator(["USER: What colour is it? ASSISTANT: a red circle</s> blue square"] * 4,
+                                trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>", "<image>"]))
+    tokenizer = LMTokenizer(backend, {"bos_token": "<s>", "eos_token": "</s>"}, None)  # LLaVA's template
+    config = dataclasses.replace(PRESETS["tiny-vlm"], image_token_id=backend.token_to_id("<image>"),
+                                 text=dataclasses.replace(PRESETS["tiny-vlm"].text, vocab_size=120))
+    model = VisionLanguageModel(config, tokenizer)
+    from PIL import Image
+
+    image = Image.new("RGB", (32, 32), "red")
+    question = [{"type": "image", "image": image}, {"type": "text", "text": "What colour?"}]
+    messages = [{"role": "user", "content": question},
+                {"role": "assistant", "content": "a red circle"},
+                {"role": "user", "content": "And?"}, {"role": "assistant", "content": "blue square"}]
+    ids, replies, _ = model.training_ids(messages)
+    text = model.tokenizer.decode(ids, skip_special_tokens=False)
+    assert "<image>" in text and text.count("</s>") == 2
+    spans, run = [], []
+    for token, reply in zip(ids, replies):
+        if reply:
+            run.append(token)
+        elif run:
+            spans.append(run)
+            run = []
+    spans += [run] if run else []
+    assert [model.tokenizer.decode(span) for span in spans] == ["a red circle", "blue square"]
+    assert [tokenizer.backend.id_to_token(span[-1]) for span in spans] == ["</s>", "</s>"]
+    prompt, _ = model.prompt(messages[:3])
+    assert ids[: len(prompt)] == prompt  # the second reply's prompt is what generation is handed
+
+
 def test_dataset_targets_are_the_next_reply_token(shapes):
     model = rosetta.create("tiny-vlm")
     ids, targets, pixels = ConversationDataset([{"image": str(shapes / "images/train/train-000000.png"),
@@ -164,8 +207,11 @@ def test_accumulation_and_packing_leave_the_run_unchanged(shapes, tower, tmp_pat
 
 
 def test_two_processes_follow_the_one_process_trajectory(shapes, tower, tmp_path):
-    single = train(load_config(recipe(shapes, tower, tmp_path / "single", epochs=0.5)))
-    torchrun(recipe(shapes, tower, tmp_path / "ddp", epochs=0.5))
+    """The tower trained too: DDP needs every trained weight to get a gradient (the blocks after the feature
+    layer are frozen)."""
+    tuned = {"vlm": {"train": ["vision", "projector", "lm"], "lr_scale": {"vision": 0.5}}, "epochs": 0.5}
+    single = train(load_config(recipe(shapes, tower, tmp_path / "single", **tuned)))
+    torchrun(recipe(shapes, tower, tmp_path / "ddp", **tuned))
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), abs=1e-4)
     assert_same_weights(single, tmp_path / "ddp" / "model", atol=1e-4)
 
@@ -217,9 +263,11 @@ def test_parts_train_at_their_own_learning_rates(shapes, tower, tmp_path):
                              vlm={"train": ["vision", "projector", "lm"], "lr_scale": {"vision": 0.1}}))
     trainer = VLMTrainer(cfg)
     rates = {id(p): g["initial_lr"] for g in trainer.optimizer.param_groups for p in g["params"]}  # before warmup
-    assert all(rates[id(p)] == pytest.approx(1e-4) for p in trainer.model.vision.parameters())
+    idle = {id(p) for part in trainer.model.idle_vision_parts() for p in part.parameters()}
+    assert idle and not idle & set(rates)  # the tower's last block and final norm never reach the projector
+    assert all(rates[id(p)] == pytest.approx(1e-4) for p in trainer.model.vision.parameters() if id(p) not in idle)
     assert all(rates[id(p)] == pytest.approx(1e-3) for p in trainer.model.lm.parameters())
-    assert len(rates) == sum(1 for _ in trainer.model.parameters())
+    assert len(rates) + len(idle) == sum(1 for _ in trainer.model.parameters())
 
 
 def test_lora_merges_to_the_same_function():
@@ -264,6 +312,23 @@ def test_composing_from_a_saved_language_model_keeps_its_weights_and_adds_the_im
             torch.testing.assert_close(value, state[key])
     with pytest.raises(RosettaError, match="both"):
         build_vlm(load_config(recipe(shapes, tower, tmp_path / "x", vlm={"language_model": None})), [])
+
+
+def test_the_tower_runs_at_a_resolution_it_was_not_trained_at(shapes, tower, tmp_path):
+    from rosetta.models.encoders import resize_position_embedding
+    from rosetta.train.vlm import build_vlm
+
+    model = build_vlm(load_config(recipe(shapes, tower, tmp_path / "run", vlm={"image_size": 48})), ["a question"])
+    clip = rosetta.load(tower)
+    assert model.config.vision.image_size == 48 and model.config.image_tokens == 36
+    assert torch.equal(model.vision.pos_embed[0], clip.vision.pos_embed[0])  # the class token's row is kept
+    grid = clip.vision.pos_embed[1:].reshape(4, 4, -1)
+    resized = model.vision.pos_embed[1:].reshape(6, 6, -1)
+    torch.testing.assert_close(resized.mean((0, 1)), grid.mean((0, 1)), atol=0.02, rtol=0)
+    assert isinstance(model.ask(shapes / "images/test/test-000000.png", "Count the shapes."), str)
+    flat = torch.ones(17, 8)
+    assert torch.equal(resize_position_embedding(flat, True, 4), flat)  # its own grid: unchanged
+    torch.testing.assert_close(resize_position_embedding(flat, True, 7), torch.ones(50, 8))
 
 
 def test_recipe_mistakes_are_one_clear_error(shapes, tower, tmp_path):

@@ -74,30 +74,59 @@ def _one(model, image, question: str, max_new_tokens: int, on_error: Callable[[E
 
 # VQA.
 
-_CONTRACTIONS = {"dont": "don't", "doesnt": "doesn't", "isnt": "isn't", "arent": "aren't", "cant": "can't",
-                 "wont": "won't", "didnt": "didn't", "wasnt": "wasn't", "werent": "weren't", "im": "i'm",
-                 "ive": "i've", "youre": "you're", "theyre": "they're", "whats": "what's", "thats": "that's",
-                 "its": "it's", "hes": "he's", "shes": "she's", "couldnt": "couldn't", "wouldnt": "wouldn't",
-                 "shouldnt": "shouldn't", "hasnt": "hasn't", "havent": "haven't", "lets": "let's"}
+# The official VQAv2 evaluation's tables (vqaEval.py): contractions written without their apostrophe, number
+# words, articles, and the punctuation it strips, in its order (the order matters: each mark is tested against
+# the answer as given, then removed from the answer as it has become).
+_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
+    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
+    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
+    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at",
+    "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
+    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've",
+    "someone'dve": "someone'd've", "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
+    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
+    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll",
+    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
+    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's",
+    "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd",
+    "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
+}
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
             "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = {"a", "an", "the"}
-_PUNCTUATION = set(";/[]\"{}()=+\\_-><@`,?!*#%^&$~|'")
+_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+                "?", "!")
 _PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
 _COMMA_NUMBER = re.compile(r"(\d)(,)(\d)")
 
 
 def normalise_answer(answer: str) -> str:
-    """The VQAv2 evaluation's normalisation: lower case, punctuation out (a comma inside a number and a
-    decimal point kept), number words to digits, articles out, contractions restored."""
-    text = " ".join(answer.replace("\n", " ").replace("\t", " ").strip().lower().split())
+    """The VQAv2 evaluation's normalisation, step for step: whitespace, punctuation (dropped where it touches a
+    space or the answer has a comma inside a number, else made a space), periods not in numbers, lower case,
+    number words to digits, articles out, contractions restored."""
+    given = answer.replace("\n", " ").replace("\t", " ").strip()
+    text = given
     for p in _PUNCTUATION:
-        if (p + " " in text or " " + p in text) or re.search(_COMMA_NUMBER, text) is not None:
+        if p + " " in given or " " + p in given or _COMMA_NUMBER.search(given) is not None:
             text = text.replace(p, "")
         else:
             text = text.replace(p, " ")
     text = _PERIOD.sub("", text)
-    words = [_NUMBERS.get(w, w) for w in text.split() if w not in _ARTICLES]
+    words = [_NUMBERS.get(w, w) for w in text.lower().split() if _NUMBERS.get(w, w) not in _ARTICLES]
     return " ".join(_CONTRACTIONS.get(w, w) for w in words)
 
 
@@ -113,15 +142,21 @@ def vqa_accuracy(answer: str, truths: Sequence[str]) -> float:
 
 
 def asked(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The records with an image, a question and its answer(s)."""
     return [r for r in records if r.get("image") is not None and r.get("question") and
             (r.get("answers") or r.get("answer") is not None)]
+
+
+def said_yes_or_no(record: Mapping[str, Any]) -> bool:
+    """Whether a question's answer is a plain yes or no (a POPE probe)."""
+    return not record.get("answers") and str(record.get("answer", "")).lower() in ("yes", "no")
 
 
 def vqa(model, records: Iterable[Mapping[str, Any]], batch_size: int = 32, max_new_tokens: int = 16,
         on_error: Callable[[Exception], None] | None = None) -> dict[str, float]:
     """VQAv2 accuracy over records with an image, a question and its `answers` (or one `answer`), overall and
     per `type` when the records have one."""
-    rows = [r for r in asked(records) if r.get("answer") not in ("yes", "no") or r.get("answers")]
+    rows = [r for r in asked(records) if not said_yes_or_no(r)]
     if not rows:
         raise InputError("vqa: no records with an image, a question and its answers")
     said, timing = replies(model, rows, [r["question"] for r in rows], batch_size, max_new_tokens, on_error)
@@ -138,15 +173,16 @@ def vqa(model, records: Iterable[Mapping[str, Any]], batch_size: int = 32, max_n
 # POPE.
 
 def said_yes(answer: str) -> bool:
-    """POPE's reading of an answer: "no" if it says no or not anywhere, else "yes"."""
-    words = re.findall(r"[a-z']+", answer.lower())
-    return not any(w in ("no", "not") or w.endswith("n't") for w in words)
+    """POPE's reading of an answer, as its evaluation does it: the first sentence, commas out, "no" if a word is
+    No, no or not, else "yes"."""
+    words = answer.split(".")[0].replace(",", "").split(" ")
+    return not any(w in ("No", "no", "not") for w in words)
 
 
 def pope(model, records: Iterable[Mapping[str, Any]], batch_size: int = 32, max_new_tokens: int = 8,
          on_error: Callable[[Exception], None] | None = None) -> dict[str, float]:
     """POPE over yes/no object probes: records with an image, a question and `answer` yes or no."""
-    rows = [r for r in asked(records) if str(r.get("answer", "")).lower() in ("yes", "no")]
+    rows = [r for r in asked(records) if said_yes_or_no(r)]
     if not rows:
         raise InputError("pope: no records with an image, a question and a yes/no answer")
     said, timing = replies(model, rows, [r["question"] for r in rows], batch_size, max_new_tokens, on_error)

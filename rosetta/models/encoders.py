@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rosetta.models.config import AudioConfig, TextConfig, VideoConfig, VisionConfig, stem_channels
@@ -87,10 +90,7 @@ class VisionTransformer(nn.Module):
         n = layer if layer >= 0 else len(blocks) + 1 + layer
         if not 0 <= n <= len(blocks):
             raise ValueError(f"feature layer {layer}: the tower has {len(blocks)} blocks")
-        x = self._embed(pixels)
-        for block in blocks[:n]:
-            x = block(x)
-        return x
+        return self.transformer(self._embed(pixels), depth=n)
 
     def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
@@ -185,3 +185,16 @@ class TemporalPool(nn.Module):
             return mean
         x = torch.cat([self.cls_token.expand(frames.shape[0], 1, -1), frames + self.pos_embed[: frames.shape[1]]], 1)
         return mean + self.proj(self.norm(self.transformer(x))[:, 0])
+
+
+def resize_position_embedding(pos_embed: torch.Tensor, class_token: bool, grid: int) -> torch.Tensor:
+    """A ViT's learned position embedding [tokens, width] for a `grid` x `grid` patch grid: the patches' table
+    resized bicubically as a 2-D map (the class token's row kept), so a tower runs at another resolution than it
+    was trained at, as open_clip and timm resize it."""
+    head, table = (pos_embed[:1], pos_embed[1:]) if class_token else (pos_embed[:0], pos_embed)
+    old = math.isqrt(table.shape[0])
+    if old == grid:
+        return pos_embed
+    square = table.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    resized = F.interpolate(square, size=(grid, grid), mode="bicubic", align_corners=False, antialias=old > grid)
+    return torch.cat([head, resized.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(pos_embed.dtype)])

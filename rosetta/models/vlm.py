@@ -240,6 +240,16 @@ class VisionLanguageModel(nn.Module):
             states = states[:, 1:]
         return self.projector(states)
 
+    def idle_vision_parts(self) -> list[nn.Module]:
+        """The tower's parts `encode_images` never runs (the blocks after the feature layer, the final norm, a
+        pooling head): frozen when the tower trains, as DDP wants every trained weight to get a gradient."""
+        pool = [self.vision.pool] if hasattr(self.vision, "pool") else []
+        if self.config.feature_norm:
+            return pool
+        blocks = self.vision.transformer.blocks
+        used = self.config.feature_layer % (len(blocks) + 1)
+        return [*blocks[used:], self.vision.norm, *pool]
+
     def embed_prompt(self, ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings [B, L, width] of `ids` [B, L], the image tokens' replaced, in order, by `features`."""
         x = self.lm.embed(ids.to(self.device))
@@ -350,23 +360,28 @@ class VisionLanguageModel(nn.Module):
 
     def _tokens(self, chunks: list[tuple[str, bool]], images: list) -> tuple[list[int], list[bool], list]:
         """Token ids of rendered text chunks (each flagged as a reply or not), every image marker expanded into
-        the tokens of its tiles; the flag of each id; the tiles in order."""
+        the tokens of its tiles; the flag of each id (a token overlapping a reply's text); the tiles in order.
+        The chunks are tokenised as one string: tokenisers that mark word starts (SentencePiece's) would
+        tokenise a chunk alone differently."""
         marker = self.tokenizer.backend.id_to_token(self.config.image_token_id)
-        if sum(text.count(marker) for text, _ in chunks) != len(images):
-            placed = sum(text.count(marker) for text, _ in chunks)
+        placed = sum(text.count(marker) for text, _ in chunks)
+        if placed != len(images):
             raise RosettaError(f"the chat template placed {placed} image tokens for {len(images)} images")
         tiled = [self.tiles(image) for image in images]
         grids = iter(tiled)
-        ids, flags = [], []
-        for text, reply in chunks:
-            pieces = text.split(marker)
+        text, replies = "", []
+        for chunk, reply in chunks:
+            pieces = chunk.split(marker)
             expanded = pieces[0]
             for piece in pieces[1:]:
                 _, rows, cols = next(grids)
                 expanded += self._placeholder(marker, rows, cols) + piece
-            chunk = self.tokenizer.encode(expanded, add_special_tokens=False)
-            ids += chunk
-            flags += [reply] * len(chunk)
+            if reply:
+                replies.append((len(text), len(text) + len(expanded)))
+            text += expanded
+        encoding = self.tokenizer.backend.encode(text, add_special_tokens=False)
+        ids = encoding.ids
+        flags = [any(begin < stop and end > start for start, stop in replies) for begin, end in encoding.offsets]
         if len(ids) >= self.context_length:
             raise InputError(f"{len(images)} images and the text take {len(ids)} tokens; the model's context "
                              f"window is {self.context_length} (fewer images or frames)")

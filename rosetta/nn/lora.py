@@ -65,6 +65,27 @@ def merge_lora(module: nn.Module) -> nn.Module:
     return module
 
 
+def merged_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """`module`'s state dict as if its adapters were merged (each adapted weight computed anew on the CPU, every
+    other tensor shared): what a merged copy would hold, without copying the module."""
+    state = {}
+    adapted = {path: layer for path, layer in module.named_modules() if isinstance(layer, LoRALinear)}
+    for key, value in module.state_dict().items():
+        path, _, name = key.rpartition(".")
+        owner = path.removesuffix(".base")
+        if owner in adapted:
+            if ".lora_" in key or not path.endswith(".base"):
+                continue
+            layer = adapted[owner]
+            if name == "weight":
+                update = layer.scale * layer.lora_b.detach().float().cpu() @ layer.lora_a.detach().float().cpu()
+                value = (value.detach().float().cpu() + update).to(value.dtype)
+            state[f"{owner}.{name}"] = value
+        else:
+            state[key] = value
+    return state
+
+
 def lora_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The adapted layers' parameters as they are trained (frozen base weights and both factors): what resumes
     a LoRA run exactly, where a merged model would not."""

@@ -115,8 +115,9 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, act, norm_eps) for _ in range(layers))
         self.gradient_checkpointing = False
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        for block in self.blocks:
+    def forward(self, x: torch.Tensor, causal: bool = False, depth: int | None = None) -> torch.Tensor:
+        """The blocks over `x` (the first `depth` of them: an inner layer's states)."""
+        for block in self.blocks[:depth]:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, causal, use_reentrant=False)
             else:

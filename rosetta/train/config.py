@@ -31,6 +31,7 @@ class VLMTrainConfig:
     vision_tower: str | None = None
     language_model: str | None = None
     feature_layer: int = -2  # the tower's hidden states the projector reads (LLaVA: the second last)
+    image_size: int | None = None  # run the tower at this resolution (its position table resized); None: its own
     # What trains: any of vision, projector, lm (stage 1, LLaVA's alignment: the projector alone).
     train: list[str] = field(default_factory=lambda: ["projector"])
     # Learning rates of parts, as multiples of the recipe's lr, e.g. {vision: 0.1}: a tower tuned gently.

@@ -227,11 +227,15 @@ class TrainLoop:
 
     def save_checkpoint(self, epoch: int, position: int) -> None:
         model, optimizer = self.full_state_model(), self._optimizer_state()
+        rng = [checkpoint.rng_state()]
+        if self.world.size > 1:  # every rank's generators: each draws its own dropout masks and augmentations
+            rng = [None] * self.world.size
+            torch.distributed.all_gather_object(rng, checkpoint.rng_state())
         if self.world.is_main:
             state = {
                 "step": self.step, "epoch": epoch, "position": position, "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": checkpoint.rng_state(), "config": self.cfg.to_dict(), **self.extra_state(),
+                "rng": rng, "config": self.cfg.to_dict(), **self.extra_state(),
             }
             checkpoint.save(self.run_dir, self.step, self.for_saving(model), state, self.cfg.keep_checkpoints)
         if self.world.size > 1:
@@ -255,7 +259,8 @@ class TrainLoop:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
+        rng = state["rng"]  # a list, one per rank (a single state in checkpoints of earlier versions)
+        checkpoint.set_rng_state(rng[min(self.world.rank, len(rng) - 1)] if isinstance(rng, list) else rng)
         self.step = state["step"]
         if self.world.is_main:
             print(f"resumed from {path} (step {self.step})", flush=True)
@@ -322,7 +327,8 @@ class TrainLoop:
                     if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                         log.log(self.step, "train", {
                             "epoch": epoch + position / self.steps_per_epoch, "loss": loss,
-                            "lr": self.scheduler.get_last_lr()[0], "samples_per_s": speed, "mfu": mfu,
+                            "lr": cfg.lr * self.scheduler.lr_lambdas[0](self.step), "samples_per_s": speed,
+                            "mfu": mfu,
                             **self.log_extras(),
                         })
                     if cfg.eval_every and self.step % cfg.eval_every == 0:

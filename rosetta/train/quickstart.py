@@ -138,7 +138,7 @@ def vlm_quickstart(out: str | Path = "runs/quickstart", epochs: float | None = N
         make_shape_questions(data, seed=0)
     overrides = [f"vlm.vision_tower={base}", f"out={out / 'vlm'}",
                  f"data.train={data / 'train-conversations.jsonl'}",
-                 f"data.val=[{data / 'val-vqa.jsonl'}, {data / 'val-pope.jsonl'}]"]
+                 f"data.val={data / 'val-pope.jsonl'}"]  # POPE: quick to score, and it tracks hallucination
     if epochs is not None:
         overrides.append(f"epochs={epochs}")
     print("[2/3] training a vision-language model: the quickstart's image tower (frozen), a new projector and a "

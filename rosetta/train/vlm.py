@@ -16,7 +16,6 @@ itself alone and counting its positions from zero, so little of a batch is paddi
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,6 +33,7 @@ from rosetta.train.config import TrainConfig
 from rosetta.train.loop import StepSampler, TrainLoop
 
 IGNORE = -100  # targets the loss skips
+TIMING = ("n", "batch_latency_p50_s", "batch_latency_p95_s", "tokens_per_s")  # not logged as validation metrics
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -65,10 +65,12 @@ def conversation(record: Mapping[str, Any]) -> list[dict[str, Any]]:
                 if image is None:
                     raise InputError(f"{record.get('key')}: more {IMAGE_TOKEN} tags than images")
                 parts.append({"type": "image", "image": image})
-            piece = piece.strip("\n") if k or parts else piece
+            piece = piece.strip("\n") if k else piece
             if piece:
                 parts.append({"type": "text", "text": piece})
         messages.append({"role": role, "content": parts})
+    if next(pending, None) is not None:
+        raise InputError(f"{record.get('key')}: more images than {IMAGE_TOKEN} tags (each image goes where one is)")
     return messages
 
 
@@ -146,11 +148,13 @@ def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return [sorted(row) for row in rows]
 
 
-def segment_mask(segments: torch.Tensor) -> torch.Tensor:
-    """Bool mask [R, 1, L, L]: each token sees the tokens of its own segment up to itself (padding, segment 0,
-    sees only itself, so no softmax row is empty)."""
+def segment_mask(segments: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
+    """Bool mask [R, 1, L, L]: each token sees the tokens of its own segment up to itself, within the sliding
+    window if the model has one (padding, segment 0, sees only itself, so no softmax row is empty)."""
     same = segments[:, :, None] == segments[:, None, :]
-    causal = torch.ones(segments.shape[1], segments.shape[1], dtype=torch.bool, device=segments.device).tril()
+    columns = torch.arange(segments.shape[1], device=segments.device)
+    distance = columns[:, None] - columns[None, :]
+    causal = (distance >= 0) & (distance < sliding_window) if sliding_window else distance >= 0
     mask = same & causal & (segments[:, :, None] > 0)
     return (mask | torch.eye(segments.shape[1], dtype=torch.bool, device=segments.device))[:, None]
 
@@ -184,12 +188,22 @@ def build_vlm(cfg: TrainConfig, texts: Sequence[str]) -> VisionLanguageModel:
     if not isinstance(template, str) or "image" not in template:  # a text model's template takes no image parts
         tokenizer.chat_template = CHATML_IMAGES if "<|im_start|>" in str(template) else LLAVA_TEMPLATE
     vocab = max(lm_config.vocab_size, len(tokenizer))
-    config = VLMConfig(vision=tower.config.vision, image=tower.config.image,
+    vision, tower_state = tower.config.vision, tower.vision.state_dict()
+    if v.image_size and v.image_size != vision.image_size:
+        from rosetta.models.encoders import resize_position_embedding
+
+        vision = dataclasses.replace(vision, image_size=v.image_size)
+        if v.image_size % vision.patch_size:
+            raise RosettaError(f"vlm.image_size {v.image_size}: not a multiple of the tower's {vision.patch_size}-px "
+                               "patches")
+        tower_state["pos_embed"] = resize_position_embedding(tower_state["pos_embed"], vision.class_token,
+                                                             v.image_size // vision.patch_size)
+    config = VLMConfig(vision=vision, image=tower.config.image,
                        text=dataclasses.replace(lm_config, vocab_size=vocab),
                        image_token_id=tokenizer.token_id(IMAGE_TOKEN), feature_layer=v.feature_layer)
     config = _override(config, {k: val for k, val in cfg.model_overrides.items() if k != "text"})
     model = VisionLanguageModel(config, tokenizer)
-    model.vision.load_state_dict(tower.vision.state_dict())
+    model.vision.load_state_dict(tower_state)
     if lm_state is not None:
         _grow_vocabulary(lm_state, vocab)
         model.lm.load_state_dict(lm_state)
@@ -259,8 +273,14 @@ class VLMTrainer(TrainLoop):
                 raise RosettaError("vlm.lora trains adapters on the language model: leave lm out of vlm.train")
             self.lora = dict(cfg.vlm.lora)
             add_lora(model.lm, **self.lora)
+        if cfg.distributed == "fsdp" and self.world.size > 1:
+            raise RosettaError("task vlm trains under DDP (distributed: ddp); FSDP is the contrastive trainer's")
         for name in cfg.vlm.train:
             parts[name].requires_grad_(True)
+        for idle in model.idle_vision_parts():
+            idle.requires_grad_(False)
+        self.visual_weights = [p for p in (*model.vision.parameters(), *model.projector.parameters())
+                               if p.requires_grad]
         model.lm.gradient_checkpointing = model.vision.transformer.gradient_checkpointing = cfg.grad_checkpointing
         if not any(p.requires_grad for p in model.parameters()):
             raise RosettaError("vlm.train: nothing to train (vision, projector, lm, or vlm.lora)")
@@ -314,16 +334,19 @@ class VLMTrainer(TrainLoop):
         if self.world.size > 1:
             torch.distributed.all_reduce(replies)
         replies = replies.clamp(min=1)
+        window = self.model.config.text.sliding_window
         total = 0.0
         for j, batch in enumerate(batches):
             sync = j == len(batches) - 1 or not hasattr(self.wrapped, "no_sync")
             with contextlib.nullcontext() if sync else self.wrapped.no_sync(), self.autocast():
                 logits = self.wrapped(batch["ids"], batch["pixels"] if len(batch["pixels"]) else None,
                                       positions=batch["positions"],
-                                      window=CacheWindow.uncached(segment_mask(batch["segments"])))
+                                      window=CacheWindow.uncached(segment_mask(batch["segments"], window)))
                 # Summed over this rank's reply tokens, over all ranks' count: DDP's mean makes it the global mean.
                 loss = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(),
                                        ignore_index=IGNORE, reduction="sum") * (self.world.size / replies)
+                if not len(batch["pixels"]):  # a text-only batch: DDP still wants a gradient for every trained weight
+                    loss = loss + sum(p.sum() for p in self.visual_weights) * 0.0
             self.scaler.scale(loss).backward()
             total += loss.item()
         self.optimizer_step()
@@ -331,15 +354,15 @@ class VLMTrainer(TrainLoop):
 
     def evaluate(self) -> dict[str, float]:
         """VQA accuracy and POPE on the validation records that carry questions (every rank, in step)."""
-        from rosetta.eval.generative import pope, vqa
+        from rosetta.eval.generative import asked, pope, said_yes_or_no, vqa
 
+        questions = asked(self.val_records)
+        probes = [r for r in questions if said_yes_or_no(r)]
         results = {}
-        for name, task in (("vqa", vqa), ("pope", pope)):
-            try:
-                metrics = task(self.model, self.val_records)
-            except InputError:  # no such records
-                continue
-            results |= {f"{name}/{k}": v for k, v in metrics.items() if k != "n" and "latency" not in k}
+        for name, task, rows in (("vqa", vqa, [r for r in questions if not said_yes_or_no(r)]), ("pope", pope, probes)):
+            if rows:
+                metrics = task(self.model, rows)
+                results |= {f"{name}/{k}": v for k, v in metrics.items() if k not in TIMING}
         return results
 
     # LoRA: a checkpoint holds the merged model (which rosetta.load opens) and, in trainer.pt, the adapters with
@@ -363,11 +386,16 @@ class VLMTrainer(TrainLoop):
         return {"lora": lora_state(self.model)}
 
     def for_saving(self, model: nn.Module) -> nn.Module:
+        """With LoRA: a model sharing the trained weights, the adapted layers' merged on the CPU (no copy of the
+        whole model)."""
         if self.lora is None:
             return model
-        from rosetta.nn.lora import merge_lora
+        from rosetta.nn.lora import merged_state
 
-        return merge_lora(copy.deepcopy(model))
+        with torch.device("meta"):
+            plain = VisionLanguageModel(model.config, tokenizer=model.tokenizer)
+        plain.load_state_dict(merged_state(model), assign=True)
+        return plain
 
 
 def _texts(records: Sequence[Mapping[str, Any]]):
