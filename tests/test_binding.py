@@ -278,6 +278,7 @@ def test_captions_that_mean_the_same_count_and_emergent_hits_are_by_class():
     assert metrics["audio_to_image_top1"] == 1.0  # a1 is nearest red.png, never paired with it
 
 
+@pytest.mark.slow  # the whole bind quickstart on tiny data; its parts are tested one by one
 def test_the_bind_quickstart_runs_end_to_end(tmp_path):
     """`rosetta quickstart --task bind` on a little data, bound to a saved (untrained) image-text model: every
     stage, the results file with trained and emergent metrics, and a model that classifies a spoken caption."""

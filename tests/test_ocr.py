@@ -59,6 +59,7 @@ def test_ocr_answers_from_labels_and_reads_the_text(invoices):
     assert record["fields"]["vendor"] in ocr.caption(record["image"])
 
 
+@pytest.mark.slow  # two subprocesses over 200 rendered invoices; the OCR rules are tested in-process
 @needs_tesseract
 def test_the_extract_command_and_eval_take_ocr(invoices, tmp_path):
     record = next(iter(read_records(invoices / "test.jsonl")))

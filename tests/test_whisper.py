@@ -250,6 +250,7 @@ def test_vad_finds_speech_after_silence(tiny_en, speech):
     assert "sunny" in result.text.lower()
 
 
+@pytest.mark.slow  # batching over the real model: the default run keeps CI under 15 min
 def test_many_files_batched_equal_each_alone(tiny_en, speech):
     from rosetta.speech.transcribe import transcribe_many
 
@@ -300,6 +301,7 @@ def test_language_is_detected_and_the_task_goes_in_the_prompt():
         rosetta.load(TINY_EN).transcribe(noise, task="translate")
 
 
+@pytest.mark.slow  # the real model twice more (int8 and fp32): kept out of the 15-min default run
 def test_int8_transcribes_like_fp32(speech):
     quantised = rosetta.load(TINY_EN, dtype="int8")
     exact = rosetta.load(TINY_EN)
