@@ -79,7 +79,7 @@ def dataset_files(data: Path, split: str, task: str = "all") -> tuple[Path, list
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from rosetta.data.records import read_records
-    from rosetta.eval import EMBEDDING_TASKS, ImageEmbeddings, evaluate, format_table, write_results
+    from rosetta.eval import EMBEDDING_TASKS, ImageEmbeddings, evaluate
 
     manifest, classes = dataset_files(Path(args.data), args.split, args.task)
     records = list(read_records(manifest))
@@ -95,28 +95,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if ("asr" in tasks) != transcribes:
         raise RosettaError(f"--task {args.task}: {args.model} " + ("transcribes speech: use --task asr" if transcribes
                            else "does not transcribe speech"))
-    failures: list[str] = []
-
-    def skip(error: Exception) -> None:
-        fail(str(error))
-        failures.append(str(error))
-
+    skip = Skipped()
     images = ImageEmbeddings(model, args.batch_size, on_error=skip)
     results = evaluate(model, records, tasks, classes, args.templates, args.batch_size, images)
     if not results:
         needs = " or ".join(NEEDS[task] for task in tasks)
         raise RosettaError(f"{manifest}: no record has {needs} to evaluate {args.task}")
-    print(format_table(results), flush=True)
-    if args.out:
-        meta = {"dataset": str(args.data), "model": args.model, "templates": args.templates}
-        if Path(args.data).is_dir():
-            meta["split"] = args.split
-        print(f"wrote {write_results(args.out, results, meta)}", file=sys.stderr)
-    return 1 if failures else 0
+    meta = {"dataset": str(args.data), "model": args.model, "templates": args.templates}
+    if Path(args.data).is_dir():
+        meta["split"] = args.split
+    return _report(args, results, meta, skip)
 
 
 def _eval_extract(args: argparse.Namespace, model, manifest: Path, records: list[dict]) -> int:
-    from rosetta.eval import format_table, write_results
     from rosetta.eval.extract import extraction
 
     if not callable(getattr(model, "extract", None)):
@@ -127,43 +118,45 @@ def _eval_extract(args: argparse.Namespace, model, manifest: Path, records: list
         schema = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RosettaError(f"--schema {path}: cannot read a JSON Schema ({e})") from None
-    failures: list[str] = []
-
-    def skip(error: Exception) -> None:
-        fail(str(error))
-        failures.append(str(error))
-
+    skip = Skipped()
     results = {"extract": extraction(model, records, schema, on_error=skip)}
-    print(format_table(results), flush=True)
-    if args.out:
-        print(f"wrote {write_results(args.out, results, {'dataset': str(args.data), 'model': args.model})}",
-              file=sys.stderr)
-    return 1 if failures else 0
+    return _report(args, results, {"dataset": str(args.data), "model": args.model}, skip)
 
 
 def _eval_generative(args: argparse.Namespace, model, records: list[dict]) -> int:
-    from rosetta.eval import format_table, write_results
     from rosetta.eval.generative import GENERATIVE_TASKS
 
     if not callable(getattr(model, "reply", None)):
         raise RosettaError(f"--task {args.task}: {args.model} does not answer about images (a vision-language "
                            "model, a hosted one, or ocr)")
-    failures: list[str] = []
-
-    def skip(error: Exception) -> None:
-        fail(str(error))
-        failures.append(str(error))
-
+    skip = Skipped()
     try:
         metrics = GENERATIVE_TASKS[args.task](model, records, batch_size=args.batch_size, on_error=skip)
     except InputError as e:
         raise RosettaError(str(e)) from None
     results = {args.task: metrics}
+    return _report(args, results, {"dataset": str(args.data), "model": args.model}, skip)
+
+
+class Skipped:
+    """`on_error` of an evaluation: each input that fails is one line on stderr, and the exit status says so."""
+
+    def __init__(self):
+        self.errors: list[str] = []
+
+    def __call__(self, error: Exception) -> None:
+        fail(str(error))
+        self.errors.append(str(error))
+
+
+def _report(args: argparse.Namespace, results: dict, meta: dict, skipped: Skipped) -> int:
+    """The table on stdout, the JSON with --out; exit status 1 if an input failed."""
+    from rosetta.eval import format_table, write_results
+
     print(format_table(results), flush=True)
     if args.out:
-        print(f"wrote {write_results(args.out, results, {'dataset': str(args.data), 'model': args.model})}",
-              file=sys.stderr)
-    return 1 if failures else 0
+        print(f"wrote {write_results(args.out, results, meta)}", file=sys.stderr)
+    return 1 if skipped.errors else 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

@@ -64,6 +64,14 @@ class StepSampler(Sampler[int]):
         return (self.end - self.start) * (self.global_batch // self.world.size)
 
 
+def read_all(sources: str | list[str], lazy: bool = False) -> Iterator[dict]:
+    """The records of a source or of a list of sources, in order."""
+    from rosetta.data.records import read_records
+
+    for source in [sources] if isinstance(sources, str) else sources:
+        yield from read_records(source, lazy=lazy)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on norms, biases, the temperature and bias, or other vectors (as CLIP and open_clip)."""
     decay, no_decay = [], []

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from rosetta.models.contrastive import ContrastiveModel
 from rosetta.train import distributed
 from rosetta.train.config import TrainConfig
 from rosetta.train.flops import pairing_flops
-from rosetta.train.loop import StepSampler, TrainLoop
+from rosetta.train.loop import StepSampler, TrainLoop, read_all
 from rosetta.train.losses import contrastive_loss
 
 
@@ -119,14 +118,14 @@ class Trainer(TrainLoop):
         self.pairings = cfg.pairing_list()
         self.binding = bool(cfg.pairings)
         # Shard members are listed, not read: the files are read by the DataLoader workers, sample by sample.
-        records = list(_read_all(cfg.data.train, lazy=True))
+        records = list(read_all(cfg.data.train, lazy=True))
         self.train_records = [[r for r in records if holds(r, p.modality) and holds(r, p.anchor)]
                               for p in self.pairings]
         for pairing, pool in zip(self.pairings, self.train_records):
             if len(pool) < cfg.batch_size:
                 what = f"records with {pairing.modality} and {pairing.anchor}" if self.binding else "captioned images"
                 raise RosettaError(f"{cfg.data.train}: {len(pool)} {what}, fewer than a batch ({cfg.batch_size})")
-        self.val_records = list(_read_all(cfg.data.val)) if cfg.data.val else []
+        self.val_records = list(read_all(cfg.data.val)) if cfg.data.val else []
         self.classes = json.loads(Path(cfg.data.classes).read_text()) if cfg.data.classes else None
 
         texts = [r["text"] for pool in self.train_records for r in pool if r.get("text")]
@@ -255,13 +254,6 @@ class Trainer(TrainLoop):
         return {**{f"temperature/{p.modality}": temperature(self.model.temperature_of(p.modality))
                    for p in self.pairings},
                 **{k: v.item() for k, v in self.pairing_losses.items()}}
-
-
-def _read_all(sources: str | list[str], lazy: bool = False) -> Iterator[dict]:
-    from rosetta.data.records import read_records
-
-    for source in [sources] if isinstance(sources, str) else sources:
-        yield from read_records(source, lazy=lazy)
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:

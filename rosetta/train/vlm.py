@@ -30,7 +30,7 @@ from rosetta.models.vlm import CAPTION_PROMPT, CHATML_IMAGES, IMAGE_TOKEN, LLAVA
 from rosetta.nn.cache import CacheWindow
 from rosetta.train import distributed
 from rosetta.train.config import TrainConfig
-from rosetta.train.loop import StepSampler, TrainLoop
+from rosetta.train.loop import StepSampler, TrainLoop, read_all
 
 IGNORE = -100  # targets the loss skips
 TIMING = ("n", "batch_latency_p50_s", "batch_latency_p95_s", "tokens_per_s")  # not logged as validation metrics
@@ -253,15 +253,13 @@ def _override(config, overrides: Mapping[str, Any]):
 
 class VLMTrainer(TrainLoop):
     def __init__(self, cfg: TrainConfig, resume: bool = False):
-        from rosetta.train.trainer import _read_all
-
         super().__init__(cfg, resume)
-        records = list(_read_all(cfg.data.train))
+        records = list(read_all(cfg.data.train))
         self.train_records = [r for r in records if r.get("conversations") or (r.get("image") and r.get("text"))]
         if len(self.train_records) < cfg.batch_size:
             raise RosettaError(f"{cfg.data.train}: {len(self.train_records)} conversations or captioned images, "
                                f"fewer than a batch ({cfg.batch_size})")
-        self.val_records = list(_read_all(cfg.data.val)) if cfg.data.val else []
+        self.val_records = list(read_all(cfg.data.val)) if cfg.data.val else []
         model = build_vlm(cfg, list(_texts(self.train_records)))
         self.lora = None
         model.requires_grad_(False)
