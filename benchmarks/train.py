@@ -5,7 +5,9 @@
 Both models start from the same weights (open_clip's, converted), take AdamW steps on the same
 batches, and print samples/s: open_clip in fp32 and with bf16 autocast (its fast path), Rosetta in
 fp32 and in its fast path (`precision` bf16 where the hardware multiplies bf16 natively, else
-fp32). It also checks that the fp32 losses of the two match step by step, and prints Rosetta's MFU.
+fp32). Rosetta's steps use the AdamW its trainers build (the fused kernel); open_clip's, torch's default, as
+its training script builds it. It also checks that the fp32 losses of the two match step by step, and prints
+Rosetta's MFU.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from rosetta.convert import open_clip as oc
 from rosetta.convert.mapping import to_ours
 from rosetta.models.io import cpu_has_fast_bf16
 from rosetta.train.flops import describe_peak, peak_flops, train_flops
+from rosetta.train.loop import adamw
 from rosetta.train.losses import clip_loss
 
 
@@ -103,8 +106,11 @@ def main() -> None:
             return loss.item()
         return step
 
-    def adamw(model):
+    def peer_adamw(model):  # open_clip's training script builds torch's AdamW with its defaults
         return torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def our_adamw(model):  # what Rosetta's trainers build
+        return adamw(model.parameters(), torch.device("cpu"), lr=1e-5)
 
     fast = torch.bfloat16 if cpu_has_fast_bf16() else None
     print(f"threads: {torch.get_num_threads()}, cpu: {torch.backends.cpu.get_cpu_capability()}, native bf16: "
@@ -116,10 +122,10 @@ def main() -> None:
         return value
 
     m = fresh_ours()
-    ours_fp32, our_losses = run(ours_step(m, adamw(m)), batches, None)
+    ours_fp32, our_losses = run(ours_step(m, our_adamw(m)), batches, None)
     measured("rosetta fp32", ours_fp32)
     m = fresh_peer()
-    peer_fp32, peer_losses = run(peer_step(m, adamw(m)), batches, None)
+    peer_fp32, peer_losses = run(peer_step(m, peer_adamw(m)), batches, None)
     measured("open_clip fp32", peer_fp32)
     diffs = [abs(a - b) for a, b in zip(our_losses, peer_losses)]
     print("fp32 losses, step by step:")
@@ -128,11 +134,11 @@ def main() -> None:
     print(f"max |difference|: {max(diffs):.2e}")
     if fast:
         m = fresh_ours()
-        ours_fast = measured("rosetta fast path", run(ours_step(m, adamw(m)), batches, fast)[0])
+        ours_fast = measured("rosetta fast path", run(ours_step(m, our_adamw(m)), batches, fast)[0])
     else:
         ours_fast = ours_fp32
     m = fresh_peer()
-    peer_bf16 = measured("open_clip bf16 autocast", run(peer_step(m, adamw(m)), batches, torch.bfloat16)[0])
+    peer_bf16 = measured("open_clip bf16 autocast", run(peer_step(m, peer_adamw(m)), batches, torch.bfloat16)[0])
 
     print(f"\nrosetta fast path vs open_clip bf16 autocast: x{ours_fast / peer_bf16:.2f}; "
           f"vs open_clip fp32: x{ours_fast / peer_fp32:.2f}")

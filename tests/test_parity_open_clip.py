@@ -178,6 +178,26 @@ def test_open_clip_loads_the_same_directory(reference):
     assert _max_diff(ours.embed_images(photos), loaded.encode_image(theirs, normalize=True)) <= ATOL
 
 
+@torch.inference_mode()
+def test_loads_offline_without_tokenizer_files(reference, tokenizer, tmp_path, monkeypatch):
+    """An open_clip directory without tokenizer files gets OpenAI CLIP's BPE from Rosetta itself (open_clip's
+    default, which it also ships), never from the hub."""
+    directory, model, _, _ = reference
+    bare = tmp_path / "bare"
+    shutil.copytree(directory, bare)
+    for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (bare / name).unlink(missing_ok=True)
+
+    def offline(*args, **kwargs):
+        raise AssertionError("the hub was asked for a tokenizer")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
+    ours = rosetta.load(bare)
+    ids = tokenizer(TEXTS, context_length=77)
+    assert torch.equal(ours.tokenize(TEXTS), ids)
+    assert _max_diff(ours.encode_text(ids), model.encode_text(ids)) <= ATOL
+
+
 def test_preprocess_matches_open_clip_at_224():
     """Odd resize margins at a real input size: torchvision's CenterCrop rounds half to even."""
     from open_clip.transform import image_transform
@@ -207,3 +227,21 @@ def test_unsupported_configs_refused(tmp_path, vision, text, match):
     (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
     with pytest.raises(rosetta.RosettaError, match=match):
         rosetta.load(tmp_path)
+
+
+def test_packaged_bpe_tokenizes_as_open_clip(tokenizer):
+    """The BPE Rosetta ships, on any text: the ids open_clip's own tokenizer gives."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    ours = rosetta.create("vit-b-32").tokenizer
+    # Unassigned code points (Cn) left out: Python's `regex` (open_clip) and Oniguruma (tokenizers) class them
+    # differently, and no text holds them.
+    alphabet = st.characters(codec="utf-8", exclude_categories=("Cs", "Cn"))
+
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(st.lists(st.text(alphabet, max_size=40) | st.sampled_from(TEXTS), min_size=1, max_size=4))
+    def check(texts):
+        assert torch.equal(ours(texts), tokenizer(texts, context_length=77))
+
+    check()

@@ -107,3 +107,19 @@ def test_int8_generation_batched_equals_each_alone():
     prompts = ["hello there", "a much longer prompt than the first one", "x"]
     together = model.generate(prompts, 24)
     assert together == [model.generate(p, 24) for p in prompts]
+
+
+@pytest.mark.parametrize("flags,contrastive,lm", [
+    ("avx2 avx512f avx512_bf16 amx_tile amx_bf16 amx_int8", "bf16", torch.bfloat16),  # AMX Xeon
+    ("avx2 avx512f avx512_bf16 avx512_vnni", "int8", torch.bfloat16),  # AVX512-BF16 EPYC: int8 beats bf16 there
+    ("avx2 fma", "int8", torch.float32),  # AVX2 EPYC: bf16 is emulated, 6x slower than fp32
+])
+def test_auto_picks_each_cpu_kinds_fastest_path(monkeypatch, flags, contrastive, lm):
+    from rosetta.models import io
+
+    monkeypatch.setattr(io, "cpuinfo", lambda field: flags if field == "flags" else "")
+    clip = io.place(rosetta.create("tiny"), "cpu", "auto")
+    assert ("int8" if getattr(clip, "quantized", False) else "bf16") == contrastive
+    if contrastive == "bf16":
+        assert clip.dtype == torch.bfloat16
+    assert io.place(rosetta.create("tiny-lm"), "cpu", "auto").dtype == lm

@@ -153,11 +153,33 @@ def train_lm_tokenizer(texts: Sequence[str], vocab_size: int, extra_special: Seq
     return LMTokenizer(tok, names, CHATML)
 
 
+# OpenAI's CLIP BPE merges (MIT licence, Copyright (c) 2021 OpenAI), as OpenAI's CLIP and open_clip ship them:
+# the tokenizer of every OpenAI and open_clip CLIP, so that a checkpoint without tokenizer files loads offline.
+OPENAI_CLIP_MERGES = Path(__file__).with_name("clip_bpe_simple_vocab_16e6.txt.gz")
+CLIP_VOCAB_SIZE = 49408
+
+
+def openai_clip_bpe() -> Tokenizer:
+    """OpenAI CLIP's tokenizer from the merges Rosetta ships: 256 bytes, the same with `</w>`, one token per
+    merge (the first 48,894 of the file), then start- and end-of-text — CLIP's 49,408 ids in CLIP's order."""
+    import gzip
+
+    lines = gzip.decompress(OPENAI_CLIP_MERGES.read_bytes()).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : CLIP_VOCAB_SIZE - 2 * 256 - 2 + 1]]
+    symbols = list(_bytes_to_unicode().values())
+    tokens = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges), BOS, EOS]
+    return _clip_tokenizer({token: i for i, token in enumerate(tokens)}, merges)
+
+
 def clip_bpe(vocab_file: Path, merges_file: Path) -> Tokenizer:
     """CLIP's byte-level BPE (lower-cased, words end in `</w>`) from its vocab and merges files."""
     vocab = json.loads(Path(vocab_file).read_text(encoding="utf-8"))
     lines = Path(merges_file).read_text(encoding="utf-8").splitlines()
     merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+    return _clip_tokenizer(vocab, merges)
+
+
+def _clip_tokenizer(vocab: dict[str, int], merges: list[tuple[str, ...]]) -> Tokenizer:
     tok = Tokenizer(
         models.BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", continuing_subword_prefix="",
                    unk_token=EOS, fuse_unk=False)

@@ -18,7 +18,13 @@ from rosetta.errors import InputError
 from rosetta.modalities.audio import AudioInput, AudioSpans, NoAudioTrack, load_audio, log_mel_spectrogram, pad_or_trim
 from rosetta.modalities.image import ImageInput, load_image, preprocess
 from rosetta.modalities.sniff import modality_of
-from rosetta.modalities.text import TextTokenizer, byte_tokenizer, clip_bpe, load_tokenizer_files
+from rosetta.modalities.text import (
+    CLIP_VOCAB_SIZE,
+    TextTokenizer,
+    byte_tokenizer,
+    load_tokenizer_files,
+    openai_clip_bpe,
+)
 from rosetta.modalities.video import VideoInput, sample_frames, timed_frames
 from rosetta.models.config import PRESETS, PRETRAINED, AudioConfig, ContrastiveConfig, ImageConfig, VideoConfig
 from rosetta.models.encoders import AudioTransformer, ConvStem, TemporalPool, TextTransformer, VisionTransformer
@@ -60,9 +66,7 @@ class ContrastiveModel(nn.Module):
         self.bound_logit_scale = nn.ParameterDict({
             m: nn.Parameter(torch.full((1,), math.log(1 / 0.07))) for m in self.bound_modalities
         })
-        self.tokenizer = tokenizer or TextTokenizer(
-            byte_tokenizer(), config.text.context_length, config.text.pad_token_id, config.text.cleaning
-        )
+        self.tokenizer = tokenizer or default_tokenizer(config)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -432,14 +436,18 @@ def _modality_of_all(inputs) -> str:
     return kinds.pop()
 
 
+def default_tokenizer(config: ContrastiveConfig) -> TextTokenizer:
+    """The tokenizer of a model that ships none: OpenAI CLIP's BPE for a CLIP-sized vocabulary (open_clip's default,
+    which its exports often leave out; Rosetta ships it), else bytes (models trained from scratch)."""
+    t = config.text
+    backend = openai_clip_bpe() if t.vocab_size == CLIP_VOCAB_SIZE and t.cleaning == "clip" else byte_tokenizer()
+    return TextTokenizer(backend, t.context_length, t.pad_token_id, t.cleaning)
+
+
 def read_tokenizer(directory: Path, config: ContrastiveConfig) -> TextTokenizer:
     backend = load_tokenizer_files(directory)
     if backend is None:
-        # open_clip's default tokenizer is OpenAI CLIP's BPE, which its exports often do not ship.
-        from rosetta.hub import resolve
-
-        clip = resolve("openai/clip-vit-base-patch32")
-        backend = load_tokenizer_files(clip) or clip_bpe(clip / "vocab.json", clip / "merges.txt")
+        return default_tokenizer(config)
     return TextTokenizer(backend, config.text.context_length, config.text.pad_token_id, config.text.cleaning)
 
 

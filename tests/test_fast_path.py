@@ -1,0 +1,103 @@
+"""The encoders' fast paths compute what the plain formulation computes: QuickGELU with its scalings moved onto
+the matrix products, the patch projection as a matrix product, the last block run for the pooled token only, a
+causal text tower stopped at the longest text, and attention as plain products while training on a CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rosetta
+from rosetta.models.encoders import PatchEmbed
+from rosetta.nn.lora import add_lora
+from rosetta.nn.transformer import MLP, QuickGELU, Transformer, attention
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, atol: float) -> None:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert (a.float() - b.float()).abs().max().item() <= atol
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_quick_gelu_mlp_is_fc2_of_quick_gelu_of_fc1(grad):
+    mlp = MLP(48, 192, "quick_gelu")
+    x = torch.randn(3, 7, 48, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        fused = mlp(x)
+        plain = mlp.fc2(QuickGELU()(mlp.fc1(x)))
+    _close(fused, plain, 1e-5)
+    if grad:
+        grads = torch.autograd.grad(fused.square().sum(), [x, mlp.fc1.weight, mlp.fc2.bias])
+        expected = torch.autograd.grad(plain.square().sum(), [x, mlp.fc1.weight, mlp.fc2.bias])
+        for got, want in zip(grads, expected):
+            _close(got, want, 1e-5)
+
+
+def test_quick_gelu_mlp_in_bf16_and_with_adapters():
+    mlp = MLP(64, 256, "quick_gelu")
+    x = torch.randn(4, 64)
+    with torch.inference_mode():
+        reference = mlp.fc2(QuickGELU()(mlp.fc1(x)))
+        _close(mlp.to(torch.bfloat16)(x.bfloat16()), reference, 0.02)
+    mlp = MLP(64, 256, "quick_gelu")
+    add_lora(mlp, targets=("fc1",), rank=4, alpha=8)  # not a plain Linear any more: the generic path
+    torch.nn.init.normal_(mlp.fc1.lora_b)
+    with torch.inference_mode():
+        _close(mlp(x), mlp.fc2(QuickGELU()(mlp.fc1(x))), 1e-6)
+
+
+@pytest.mark.parametrize("shape,patch", [((2, 3, 64, 64), 16), ((1, 3, 70, 45), 16), ((2, 1, 32, 100), 8)])
+def test_patch_embed_is_the_strided_convolution(shape, patch):
+    embed = PatchEmbed(shape[1], 24, patch)
+    x = torch.randn(*shape, requires_grad=True)
+    ours, conv = embed(x), F.conv2d(x, embed.weight, embed.bias, stride=patch)
+    _close(ours, conv, 1e-5)
+    assert ours.flatten(2).transpose(1, 2).is_contiguous()  # tokens without a copy
+    _close(torch.autograd.grad(ours.square().sum(), x)[0], torch.autograd.grad(conv.square().sum(), x)[0], 1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_last_block_for_the_pooled_rows_only(causal):
+    tower = Transformer(32, 3, 4, 64, "quick_gelu", 1e-5)
+    x = torch.randn(5, 9, 32, requires_grad=True)
+    rows = torch.tensor([0, 8, 3, 5, 0])
+    picked = tower(x, causal=causal, rows=rows)
+    full = tower(x, causal=causal)[torch.arange(5), rows].unsqueeze(1)
+    _close(picked, full, 1e-5)
+    _close(torch.autograd.grad(picked.sum(), x)[0], torch.autograd.grad(full.sum(), x)[0], 1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_training_attention_is_sdpa(causal):
+    q, k, v = (torch.randn(2, 4, 11, 16, requires_grad=True) for _ in range(3))
+    ours = attention(q, k, v, causal=causal)  # grad mode on a CPU: the plain products
+    reference = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    _close(ours, reference, 1e-5)
+    for got, want in zip(torch.autograd.grad(ours.square().sum(), [q, k, v]),
+                         torch.autograd.grad(reference.square().sum(), [q, k, v])):
+        _close(got, want, 1e-5)
+
+
+def test_text_embedding_does_not_depend_on_the_padding_run():
+    model = rosetta.create("tiny").eval()
+    texts = ["a red circle", "a large blue square on the left of a small green triangle", "x"]
+    with torch.inference_mode():
+        together = model.embed_texts(texts)
+        alone = torch.cat([model.embed_texts([t]) for t in texts])
+        ids = model.tokenize(texts)
+        tokens = model.text.tokens(ids)  # every one of the context's positions, padding included
+        full = tokens[torch.arange(len(texts)), model.text.pooled_positions(ids)]
+        pooled = model.text(ids)
+    _close(together, alone, 1e-5)
+    _close(pooled, full, 1e-5)
+
+
+def test_clip_presets_tokenize_as_open_clip_offline():
+    open_clip = pytest.importorskip("open_clip")
+    texts = ["a photo of a dog on the beach", "Hello,   World! It's 3.14 o'clock", "naïve café — 日本語 🚀",
+             "don't we'll they're I'm", "&amp; html &lt;b&gt;", "", "the quick brown fox " * 30]
+    ours = rosetta.create("vit-b-32").tokenize(texts)
+    assert torch.equal(ours, open_clip.get_tokenizer("ViT-B-32")(texts))
