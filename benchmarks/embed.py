@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import rosetta
-from rosetta.models.io import cpu_has_fast_bf16, cpu_isa, cpuinfo, place
+from rosetta.models.io import cpu_has_fast_bf16, cpu_isa, cpuinfo, keep_freed_memory, place
 
 
 def throughputs(contenders: dict[str, tuple], repeats: int) -> dict[str, float]:
@@ -64,7 +64,8 @@ def main() -> None:
     assert torch.equal(long_ids.cpu(), open_clip.get_tokenizer("ViT-B-32")([long_text] * args.batch_size))
 
     print(f"device: {device}, threads: {torch.get_num_threads()}, cpu: {cpuinfo('model name') or '?'} ({cpu_isa()}), "
-          f"native bf16: {cpu_has_fast_bf16()}, fast-path dtype: {fast_dtype}")
+          f"native bf16: {cpu_has_fast_bf16()}, fast-path dtype: {fast_dtype}, "
+          f"freed memory kept (both sides, one process): {keep_freed_memory()}")
     print(f"batch {args.batch_size}, {args.repeats} interleaved rounds, median round\n")
     image_contenders = {
         "open_clip fp32": (peer.encode_image, images),

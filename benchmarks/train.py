@@ -4,10 +4,10 @@
 
 Both models start from the same weights (open_clip's, converted), take AdamW steps on the same
 batches, and print samples/s: open_clip in fp32 and with bf16 autocast (its fast path), Rosetta in
-fp32 and in its fast path (`precision` bf16 where the hardware multiplies bf16 natively, else
-fp32). Rosetta's steps use the AdamW its trainers build (the fused kernel); open_clip's, torch's default, as
-its training script builds it. It also checks that the fp32 losses of the two match step by step, and prints
-Rosetta's MFU.
+fp32, bf16 autocast and its fast path (`precision: bf16-true`, bf16 weights with fp32 master weights, where
+the hardware multiplies bf16 natively; else fp32). Rosetta's steps use the AdamW its trainers build (the
+fused kernel); open_clip's, torch's default, as its training script builds it. It also checks that the fp32
+losses of the two match step by step, and prints Rosetta's MFU.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import torch
 import rosetta
 from rosetta.convert import open_clip as oc
 from rosetta.convert.mapping import to_ours
-from rosetta.models.io import cpu_has_fast_bf16
+from rosetta.models.io import cpu_has_fast_bf16, cpu_isa, cpuinfo, keep_freed_memory
 from rosetta.train.flops import describe_peak, peak_flops, train_flops
-from rosetta.train.loop import adamw
+from rosetta.train.loop import MasterWeights, adamw
 from rosetta.train.losses import clip_loss
 
 
@@ -40,32 +40,34 @@ def open_clip_config() -> rosetta.ContrastiveConfig:
         return oc.read_config(Path(tmp))
 
 
-def run(step, batches, autocast: torch.dtype | None) -> tuple[float, list[float]]:
-    losses = []
-    ctx = (lambda: torch.autocast("cpu", dtype=autocast)) if autocast else contextlib.nullcontext
-    with ctx():
-        losses.append(step(*batches[0]))  # warm-up
-    start = time.perf_counter()
-    for batch in batches[1:]:
-        with ctx():
-            losses.append(step(*batch))
-    seconds = time.perf_counter() - start
-    return (len(batches) - 1) * batches[0][0].shape[0] / seconds, losses
+def interleaved(contenders: dict[str, tuple], batches) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Samples/s and losses of each `name: (step, autocast dtype or None)`, taking one step of each in turn (the
+    first one untimed, a warm-up), so drift in the machine's speed hits all alike."""
+    losses: dict[str, list[float]] = {name: [] for name in contenders}
+    seconds = dict.fromkeys(contenders, 0.0)
+    for i, batch in enumerate(batches):
+        for name, (step, dtype) in contenders.items():
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext():
+                losses[name].append(step(*batch))
+            if i:
+                seconds[name] += time.perf_counter() - start
+    samples = (len(batches) - 1) * batches[0][0].shape[0]
+    return {name: samples / s for name, s in seconds.items()}, losses
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps of each (after one warm-up step)")
     args = parser.parse_args()
 
     import open_clip
     from open_clip.loss import ClipLoss
 
     torch.manual_seed(0)
-    peer = open_clip.create_model("ViT-B-32-quickgelu")
+    initial_peer = {k: v.clone() for k, v in open_clip.create_model("ViT-B-32-quickgelu").state_dict().items()}
     config = open_clip_config()
-    initial_peer = {k: v.clone() for k, v in peer.state_dict().items()}
 
     def fresh_ours() -> rosetta.ContrastiveModel:
         with torch.device("meta"):
@@ -76,8 +78,9 @@ def main() -> None:
         return model.train()
 
     def fresh_peer():
-        peer.load_state_dict(initial_peer)
-        return peer.train()
+        model = open_clip.create_model("ViT-B-32-quickgelu")
+        model.load_state_dict(initial_peer)
+        return model.train()
 
     batches = [(torch.randn(args.batch_size, 3, 224, 224), torch.randint(1, 49406, (args.batch_size, 77)))
                for _ in range(args.steps + 1)]
@@ -91,6 +94,21 @@ def main() -> None:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            return loss.item()
+        return step
+
+    def bf16_true_step(model):
+        """`precision: bf16-true` as the trainer runs it: bf16 model, fp32 master weights in a fused AdamW."""
+        masters = MasterWeights(model)
+        optimizer = adamw([masters.of(p) for p in model.parameters()], torch.device("cpu"), lr=1e-5)
+
+        def step(pixels, ids):
+            image, text, scale, _ = model(pixels, ids)
+            loss = clip_loss(image.float(), text.float(), scale.float())
+            loss.backward()
+            masters.take_grads()
+            optimizer.step()
+            masters.copy_to_model()
             return loss.item()
         return step
 
@@ -113,33 +131,32 @@ def main() -> None:
         return adamw(model.parameters(), torch.device("cpu"), lr=1e-5)
 
     fast = torch.bfloat16 if cpu_has_fast_bf16() else None
-    print(f"threads: {torch.get_num_threads()}, cpu: {torch.backends.cpu.get_cpu_capability()}, native bf16: "
-          f"{cpu_has_fast_bf16()}, Rosetta fast path: {'bf16 autocast' if fast else 'fp32'}")
+    print(f"threads: {torch.get_num_threads()}, cpu: {cpuinfo('model name') or '?'} ({cpu_isa()}), native bf16: "
+          f"{cpu_has_fast_bf16()}, Rosetta fast path: {'bf16-true' if fast else 'fp32'}, "
+          f"freed memory kept (both sides, one process): {keep_freed_memory()}")
     print(f"ViT-B/32 CLIP, batch {args.batch_size}, {args.steps} timed steps each\n")
 
-    def measured(name: str, value: float) -> float:
-        print(f"{name:26s} {value:7.2f} samples/s", flush=True)
-        return value
-
-    m = fresh_ours()
-    ours_fp32, our_losses = run(ours_step(m, our_adamw(m)), batches, None)
-    measured("rosetta fp32", ours_fp32)
-    m = fresh_peer()
-    peer_fp32, peer_losses = run(peer_step(m, peer_adamw(m)), batches, None)
-    measured("open_clip fp32", peer_fp32)
-    diffs = [abs(a - b) for a, b in zip(our_losses, peer_losses)]
-    print("fp32 losses, step by step:")
-    for i, (a, b) in enumerate(zip(our_losses, peer_losses)):
-        print(f"  step {i}: rosetta {a:.6f}  open_clip {b:.6f}")
-    print(f"max |difference|: {max(diffs):.2e}")
+    contenders = {
+        "rosetta fp32": (ours_step(m := fresh_ours(), our_adamw(m)), None),
+        "open_clip fp32": (peer_step(m := fresh_peer(), peer_adamw(m)), None),
+        "open_clip bf16 autocast": (peer_step(m := fresh_peer(), peer_adamw(m)), torch.bfloat16),
+    }
     if fast:
-        m = fresh_ours()
-        ours_fast = measured("rosetta fast path", run(ours_step(m, our_adamw(m)), batches, fast)[0])
-    else:
-        ours_fast = ours_fp32
-    m = fresh_peer()
-    peer_bf16 = measured("open_clip bf16 autocast", run(peer_step(m, peer_adamw(m)), batches, torch.bfloat16)[0])
-
+        contenders["rosetta bf16 autocast"] = (ours_step(m := fresh_ours(), our_adamw(m)), fast)
+        contenders["rosetta bf16-true"] = (bf16_true_step(fresh_ours()), None)
+    speeds, losses = interleaved(contenders, batches)
+    for name, value in speeds.items():
+        print(f"{name:26s} {value:7.2f} samples/s")
+    ours, theirs = losses["rosetta fp32"], losses["open_clip fp32"]
+    print("fp32 losses, step by step:")
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        print(f"  step {i}: rosetta {a:.6f}  open_clip {b:.6f}")
+    print(f"max |difference|: {max(abs(a - b) for a, b in zip(ours, theirs)):.2e}")
+    if fast:
+        true = losses["rosetta bf16-true"]
+        print(f"bf16-true losses - fp32's: max {max(abs(a - b) for a, b in zip(true, ours)):.4f}")
+    ours_fast = speeds["rosetta bf16-true" if fast else "rosetta fp32"]
+    peer_bf16, peer_fp32 = speeds["open_clip bf16 autocast"], speeds["open_clip fp32"]
     print(f"\nrosetta fast path vs open_clip bf16 autocast: x{ours_fast / peer_bf16:.2f}; "
           f"vs open_clip fp32: x{ours_fast / peer_fp32:.2f}")
     peak = peak_flops(torch.device("cpu"), fast or torch.float32)

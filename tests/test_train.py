@@ -240,6 +240,36 @@ def test_bf16_autocast_trains_close_to_fp32(shapes, tmp_path):
     assert all(t.dtype == torch.float32 for t in weights(final).values())  # autocast keeps fp32 master weights
 
 
+def test_bf16_true_trains_close_to_fp32_and_saves_exact_fp32_weights(shapes, tmp_path):
+    """bf16 weights and activations, fp32 master weights: the losses follow fp32's, the saved model is fp32, and
+    a frozen tower computed in bf16 is saved exactly as it was loaded."""
+    train(load_config(recipe(shapes, tmp_path / "fp32", lock_image=True)))
+    final = train(load_config(recipe(shapes, tmp_path / "true", precision="bf16-true", lock_image=True)))
+    assert losses(tmp_path / "true") == pytest.approx(losses(tmp_path / "fp32"), abs=0.05)
+    saved = weights(final)
+    assert all(t.dtype == torch.float32 for t in saved.values())
+    torch.manual_seed(0)  # the recipe's seed: the run started from these weights
+    start = rosetta.create("tiny").state_dict()
+    frozen = [k for k in saved if k.startswith(("vision.", "vision_proj."))]
+    assert frozen and all(torch.equal(saved[k], start[k]) for k in frozen)
+    moved = [k for k in saved if k.startswith("text.")]
+    assert all((saved[k] - start[k]).abs().max() > 0 for k in moved if "norm" not in k)  # no update lost to rounding
+
+
+def test_bf16_true_resumes_exactly(shapes, tmp_path, capsys):
+    settings = {"epochs": 2, "checkpoint_every": 5, "keep_checkpoints": 5, "precision": "bf16-true",
+                "eval_every": 1000}
+    whole = train(load_config(recipe(shapes, tmp_path / "whole", **settings)))
+    partial = tmp_path / "partial"
+    train(load_config(recipe(shapes, partial, **settings)))
+    (partial / "checkpoints" / "latest.json").write_text(json.dumps({"step": 5, "checkpoint": "step-00000005"}))
+    capsys.readouterr()
+    resumed = train(load_config(recipe(shapes, partial, **settings)), resume=True)
+    assert "(step 5)" in capsys.readouterr().out
+    assert_same_weights(whole, resumed, atol=0)
+    assert losses(partial)[-11:] == losses(tmp_path / "whole")[-11:]
+
+
 def test_quickstart_runs_the_recipe_end_to_end(tmp_path):
     """The README's main job, through the CLI, on 240 images and one epoch: every stage and artefact."""
     out = tmp_path / "q"

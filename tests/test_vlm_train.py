@@ -216,9 +216,10 @@ def test_two_processes_follow_the_one_process_trajectory(shapes, tower, tmp_path
     assert_same_weights(single, tmp_path / "ddp" / "model", atol=1e-4)
 
 
-@pytest.mark.parametrize("lora", [None, {"rank": 4, "alpha": 8}])
-def test_resume_from_a_checkpoint_ends_where_the_whole_run_does(shapes, tower, tmp_path, lora):
-    settings = {"checkpoint_every": 3, "keep_checkpoints": 5}
+@pytest.mark.parametrize("lora,precision", [(None, "fp32"), ({"rank": 4, "alpha": 8}, "fp32"),
+                                            ({"rank": 4, "alpha": 8}, "bf16-true")])
+def test_resume_from_a_checkpoint_ends_where_the_whole_run_does(shapes, tower, tmp_path, lora, precision):
+    settings = {"checkpoint_every": 3, "keep_checkpoints": 5, "precision": precision}
     if lora:
         settings["vlm"] = {"train": ["projector"], "lora": lora}
     whole = train(load_config(recipe(shapes, tower, tmp_path / "whole", **settings)))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -51,6 +53,33 @@ def cpuinfo(field: str) -> str:
     return line.split(":", 1)[-1].strip()
 
 
+_ALLOCATOR_TUNED: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed blocks for reuse instead of handing them back to the system, once per
+    process; returns whether it did (not on other C libraries, nor with ROSETTA_KEEP_FREED_MEMORY=0).
+
+    A CPU forward pass allocates activations of megabytes, layer after layer. By default glibc maps each from the
+    system afresh and unmaps it when freed, so every layer's output is written into new pages, one page fault at a
+    time. Kept, the same blocks serve every batch: bf16 ViT-B/32 on a 2-core AMX Xeon, batch 32, in a process
+    running only Rosetta: 125-135 images/s by default, 165-172 with freed memory kept (texts +10%). The cost: the
+    process holds on to its peak heap (up to 1 GiB free) rather than returning it.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED is None:
+        _ALLOCATOR_TUNED = False
+        if os.environ.get("ROSETTA_KEEP_FREED_MEMORY", "1") != "0":
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+                trimmed = libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB free at the heap's top
+                mapped = libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks under 32 MiB come from the heap
+                _ALLOCATOR_TUNED = bool(trimmed and mapped)
+            except (OSError, AttributeError):  # not glibc
+                pass
+    return _ALLOCATOR_TUNED
+
+
 def place(model, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
     """`model` on `device` in `dtype`; "int8" quantises its linear layers for the CPU (rosetta.nn.quantize).
 
@@ -61,6 +90,8 @@ def place(model, device: str | torch.device | None = None, dtype: str | torch.dt
     AMX Xeon bf16 5.0x open_clip fp32, int8 2.3x; AVX512-BF16 EPYC bf16 2.2x, int8 3.1x; AVX2 EPYC int8 1.6-1.8x.
     """
     device = resolve_device(device)
+    if device.type == "cpu":
+        keep_freed_memory()
     if dtype == "auto" and device.type == "cpu" and not cpu_has_amx() and getattr(model, "int8_when_auto", False):
         dtype = "int8"
     if dtype == "int8":

@@ -61,7 +61,9 @@ class TrainConfig:
     eps: float = 1e-6
     warmup_steps: int = 100
     grad_clip: float | None = 1.0
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast); "fp16" (autocast + grad scaler) on CUDA
+    # "fp32"; "bf16" (= "bf16-mixed": autocast over fp32 weights); "bf16-true" (bf16 weights and activations, fp32
+    # master weights in the optimiser: the fast path on CPUs with AMX); "fp16" (autocast + grad scaler) on CUDA
+    precision: str = "fp32"
     grad_checkpointing: bool = False
     lock_image: bool = False  # LiT: train only the text tower against a frozen image tower
     lock_text: bool = False
@@ -165,8 +167,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     if unknown:
         raise RosettaError(f"vlm.train, vlm.lr_scale: unknown parts {', '.join(sorted(unknown))} (vision, projector, "
                            "lm)")
-    if config.precision not in ("fp32", "bf16", "fp16"):
-        raise RosettaError(f"precision {config.precision!r}: expected fp32, bf16 or fp16")
+    if config.precision not in ("fp32", "bf16", "bf16-mixed", "bf16-true", "fp16"):
+        raise RosettaError(f"precision {config.precision!r}: expected fp32, bf16 (bf16-mixed), bf16-true or fp16")
     try:
         pairings = config.pairing_list()
     except TypeError as e:

@@ -223,7 +223,8 @@ class Trainer(TrainLoop):
         self.optimizer_step()
         with torch.no_grad():
             for scale in (self.model.logit_scale, *self.model.bound_logit_scale.values()):
-                scale.clamp_(0, math.log(100))
+                self.master(scale).clamp_(0, math.log(100))
+                scale.copy_(self.master(scale))
         return distributed.mean_across(loss.item(), self.world)
 
     # Evaluation and the log.
