@@ -101,3 +101,16 @@ def test_clip_presets_tokenize_as_open_clip_offline():
              "don't we'll they're I'm", "&amp; html &lt;b&gt;", "", "the quick brown fox " * 30]
     ours = rosetta.create("vit-b-32").tokenize(texts)
     assert torch.equal(ours, open_clip.get_tokenizer("ViT-B-32")(texts))
+
+
+def test_freed_memory_is_kept_unless_asked_not_to():
+    import subprocess
+    import sys
+
+    from rosetta.models.io import keep_freed_memory
+
+    assert keep_freed_memory() is True  # glibc: these tests run on Linux
+    code = "from rosetta.models.io import keep_freed_memory; print(keep_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "ROSETTA_KEEP_FREED_MEMORY": "0"})
+    assert out.stdout.strip() == "False", out.stderr

@@ -7,7 +7,9 @@ Every reference model is built here with random weights; nothing is downloaded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -319,6 +321,35 @@ def test_siglip_embeddings_and_logits_match(hf_siglip):
 # Export to transformers and Rosetta's own format
 
 
+@torch.inference_mode()
+def test_siglip_export_to_transformers(tmp_path, hf_siglip):
+    """A SigLIP model written with format="transformers" is the SiglipModel it came from: the same weights, the
+    same logits in transformers, the same pixels from its processor, the same ids from its tokenizer, and it
+    loads back into Rosetta unchanged."""
+    model, tokenizer, processor, ours = hf_siglip.model, hf_siglip.tokenizer, hf_siglip.processor, hf_siglip.ours
+    ours.save_pretrained(tmp_path, format="transformers")
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "siglip"
+    exported = transformers.SiglipModel.from_pretrained(tmp_path).eval()
+    original = model.state_dict()
+    for name, tensor in exported.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
+    labels = ["an astronaut", "a cup of coffee", "two dogs"]
+    ids = _siglip_ids(tokenizer, labels)
+    theirs = _siglip_ids(transformers.AutoTokenizer.from_pretrained(tmp_path), labels)
+    assert torch.equal(theirs, ids)
+    photos = _photos()
+    pixels = torch.as_tensor(np.stack(processor(photos, return_tensors="np")["pixel_values"]))
+    assert type(transformers.AutoImageProcessor.from_pretrained(tmp_path)).__name__.startswith("SiglipImageProcessor")
+    again = transformers.SiglipImageProcessorPil.from_pretrained(tmp_path)
+    assert _max_diff(torch.as_tensor(np.stack(again(photos, return_tensors="np")["pixel_values"])), pixels) <= 1e-5
+    logits = exported(input_ids=ids, pixel_values=pixels).logits_per_image
+    assert _max_diff(logits, model(input_ids=ids, pixel_values=pixels).logits_per_image) <= 1e-5
+    back = rosetta.load(tmp_path)
+    assert back.config == ours.config
+    assert _max_diff(back.embed_images(photos), ours.embed_images(photos)) <= 1e-6
+    assert _max_diff(back.embed_texts(labels), ours.embed_texts(labels)) <= 1e-6
+
+
 def _tiny_clip_config(act: str = "quick_gelu") -> rosetta.ContrastiveConfig:
     return rosetta.ContrastiveConfig(
         vision=rosetta.VisionConfig(image_size=IMAGE_SIZE, patch_size=8, width=64, layers=2, heads=4, mlp_dim=128,
@@ -360,6 +391,40 @@ def _assert_same_as_transformers(ours: rosetta.ContrastiveModel, directory: Path
     photos = _photos()
     hf_pixels = torch.as_tensor(np.stack(processor(photos, return_tensors="np")["pixel_values"]))
     assert _max_diff(ours.preprocess(photos), hf_pixels) <= 1e-5
+
+
+@pytest.mark.parametrize("settings", [
+    {"size": {"shortest_edge": 40}, "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}},  # 256 -> 224 style
+    {"size": {"shortest_edge": IMAGE_SIZE}, "crop_size": IMAGE_SIZE, "resample": 2},  # bilinear
+    {"size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "do_center_crop": False, "resample": 1},  # squash, lanczos
+    {"size": {"shortest_edge": IMAGE_SIZE}, "do_center_crop": False},  # no crop: the long side stays long
+    {"size": {"shortest_edge": 37}, "crop_size": IMAGE_SIZE, "resample": 0, "do_normalize": False},  # nearest
+    {"size": {"shortest_edge": IMAGE_SIZE}, "crop_size": IMAGE_SIZE, "resample": 4, "rescale_factor": 1 / 127.5},
+    {"size": {"shortest_edge": 48}, "crop_size": IMAGE_SIZE, "resample": 5, "do_rescale": False},  # hamming
+])
+def test_image_processor_settings_are_honoured(tmp_path, hf_clip, settings):
+    """preprocessor_config.json settings other than the defaults give the pixels CLIPImageProcessor gives, and
+    survive the export back to transformers."""
+    directory = tmp_path / "model"
+    shutil.copytree(hf_clip.directory, directory)
+    processor = transformers.CLIPImageProcessorPil(**settings)
+    processor.save_pretrained(directory)
+    ours = rosetta.load(directory)
+    ours.save_pretrained(tmp_path / "exported", format="transformers")
+    exported = transformers.CLIPImageProcessorPil.from_pretrained(tmp_path / "exported")
+    for photo in _photos():
+        theirs = torch.as_tensor(processor([photo], return_tensors="np")["pixel_values"][0])
+        assert _max_diff(ours.preprocess([photo])[0], theirs) <= 1e-5
+        again = torch.as_tensor(exported([photo], return_tensors="np")["pixel_values"][0])
+        assert _max_diff(again, theirs) <= 1e-5
+
+
+def test_a_crop_the_model_cannot_take_is_refused(tmp_path, hf_clip):
+    directory = tmp_path / "model"
+    shutil.copytree(hf_clip.directory, directory)
+    transformers.CLIPImageProcessorPil(crop_size=IMAGE_SIZE + 8).save_pretrained(directory)
+    with pytest.raises(rosetta.RosettaError, match="crops"):
+        rosetta.load(directory)
 
 
 @pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
@@ -416,9 +481,11 @@ def test_siglip_rosetta_format_round_trip(tmp_path, hf_siglip):
     assert torch.equal(again.embed_texts(SIGLIP_TEXTS), ours.embed_texts(SIGLIP_TEXTS))
 
 
-def test_siglip_export_to_transformers_refused(tmp_path, hf_siglip):
-    with pytest.raises(rosetta.RosettaError):
-        hf_siglip.ours.save_pretrained(tmp_path, format="transformers")
+def test_export_refuses_an_architecture_transformers_lacks(tmp_path, hf_siglip):
+    ours = hf_siglip.ours
+    config = dataclasses.replace(ours.config, vision=dataclasses.replace(ours.config.vision, pool="mean"))
+    with pytest.raises(rosetta.RosettaError, match="architecture"):
+        rosetta.ContrastiveModel(config, tokenizer=ours.tokenizer).save_pretrained(tmp_path, format="transformers")
 
 
 # CLIP's BPE tokenizer against transformers' and open_clip's

@@ -21,7 +21,7 @@ from rosetta.models.config import (
 )
 
 ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
-_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}  # PIL's codes
 
 
 NAME = "transformers"
@@ -40,28 +40,46 @@ def read(directory: Path) -> tuple[ContrastiveConfig, dict, list[Rule]]:
 
 
 def export(model, directory: Path) -> None:
-    """Write `model` as a transformers CLIPModel directory (weights, config, preprocessor, tokenizer)."""
-    from rosetta.modalities.text import BOS, EOS
-
-    backend = model.tokenizer.backend
-    bos, eos = backend.token_to_id(BOS), backend.token_to_id(EOS)
-    if bos is None or eos is None:
-        raise RosettaError("exporting to transformers needs a tokenizer with start- and end-of-text tokens")
-    config = export_config(model.config, eos_token_id=eos, bos_token_id=bos)
+    """Write `model` as a transformers CLIPModel or SiglipModel directory (weights, config, preprocessor,
+    tokenizer), whichever architecture it has."""
+    siglip = model.config.vision.pool == "map"
     state = {name: t.detach().cpu() for name, t in model.state_dict().items()}
-    theirs = to_theirs(rules(model.config), state, shapes={"logit_scale": ()})  # a scalar in CLIPModel
+    if siglip:
+        config = export_siglip_config(model.config)
+        theirs = to_theirs(rules(model.config), state, shapes={})
+    else:
+        config = export_config(model.config, model.tokenizer.backend)
+        theirs = to_theirs(rules(model.config), state, shapes={"logit_scale": ()})  # a scalar in CLIPModel
     write_safetensors(theirs, directory / "model.safetensors")
     write_json(directory / "config.json", config)
     write_json(directory / "preprocessor_config.json", export_preprocessor(model.config))
-    # transformers' CLIPTokenizer rebuilds CLIP's BPE from tokenizer.json; any other tokenizer (the byte-level
-    # one of models trained from scratch) loads as it is written.
-    clip = getattr(backend.model, "end_of_word_suffix", None) == "</w>"
-    write_json(directory / "tokenizer_config.json", {
-        "tokenizer_class": "CLIPTokenizer" if clip else "PreTrainedTokenizerFast",
-        "model_max_length": model.config.text.context_length,
-        "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS,
-    })
+    write_json(directory / "tokenizer_config.json", _tokenizer_config(model, siglip))
     model.tokenizer.save(directory)
+
+
+def _clip_special_ids(backend) -> tuple[int, int]:
+    from rosetta.modalities.text import BOS, EOS
+
+    bos, eos = backend.token_to_id(BOS), backend.token_to_id(EOS)
+    if bos is None or eos is None:
+        raise RosettaError("exporting to transformers needs a tokenizer with start- and end-of-text tokens")
+    return eos, bos
+
+
+def _tokenizer_config(model, siglip: bool) -> dict[str, Any]:
+    """transformers' CLIPTokenizer rebuilds CLIP's BPE from tokenizer.json; any other tokenizer (SigLIP's
+    SentencePiece as a `tokenizers` Unigram, the byte-level one of models trained from scratch) loads as written."""
+    from rosetta.modalities.text import BOS, EOS
+
+    length = model.config.text.context_length
+    backend = model.tokenizer.backend
+    if siglip:
+        pad = backend.id_to_token(model.config.text.pad_token_id)
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": length,
+                "eos_token": "</s>", "pad_token": pad, "unk_token": backend.id_to_token(0)}
+    clip = getattr(backend.model, "end_of_word_suffix", None) == "</w>"
+    return {"tokenizer_class": "CLIPTokenizer" if clip else "PreTrainedTokenizerFast", "model_max_length": length,
+            "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
 
 
 def _activation(name: str) -> str:
@@ -93,7 +111,7 @@ def read_config(directory: Path) -> ContrastiveConfig:
     )
     embed_dim = (t.get("projection_size") or t["hidden_size"]) if siglip else hf.get("projection_dim", 512)
     config = ContrastiveConfig(
-        vision=vision, text=text, image=image_config(directory, siglip), embed_dim=embed_dim,
+        vision=vision, text=text, image=image_config(directory, siglip, vision.image_size), embed_dim=embed_dim,
         vision_proj=not siglip, loss="sigmoid" if siglip else "softmax",
         logit_scale_init=math.log(10) if siglip else hf.get("logit_scale_init_value", 2.6592),
         logit_bias_init=-10.0 if siglip else None,
@@ -138,16 +156,28 @@ def preprocessor_settings(directory: Path) -> dict[str, Any]:
     return json.loads(path.read_text()).get("image_processor", {}) if path.exists() else {}
 
 
-def image_config(directory: Path, siglip: bool) -> ImageConfig:
+def image_config(directory: Path, siglip: bool, image_size: int | None = None) -> ImageConfig:
+    """The preprocessing a transformers image processor's settings ask for. `image_size` is the model's: a resize
+    to another size (CLIP's 256-then-crop-224 recipes) is kept as `resize_size`."""
     p = preprocessor_settings(directory)
     size = p.get("size")
     # {"height", "width"} squashes, {"shortest_edge"} resizes and crops; absent or a bare int: the family's default.
     squash = "height" in size if isinstance(size, dict) and size else siglip
+    target = (size.get("height") if squash else size.get("shortest_edge")) if isinstance(size, dict) else None
+    center_crop = bool(p.get("do_center_crop", not squash))
+    crop = p.get("crop_size")
+    crop = crop.get("height") if isinstance(crop, dict) else crop
+    if center_crop and crop and image_size and crop != image_size:
+        raise RosettaError(f"{directory}: the image processor crops {crop} px, the model takes {image_size}")
+    normalize = p.get("do_normalize", True)
     return ImageConfig(
         resize="squash" if squash else "shortest",
-        interpolation=_RESAMPLE.get(p.get("resample", 3), "bicubic"),
-        mean=tuple(p.get("image_mean", HALF if siglip else OPENAI_MEAN)),
-        std=tuple(p.get("image_std", HALF if siglip else OPENAI_STD)),
+        interpolation=_RESAMPLE.get(int(p.get("resample", 3)), "bicubic"),
+        mean=tuple(p.get("image_mean", HALF if siglip else OPENAI_MEAN)) if normalize else (0.0, 0.0, 0.0),
+        std=tuple(p.get("image_std", HALF if siglip else OPENAI_STD)) if normalize else (1.0, 1.0, 1.0),
+        resize_size=target if target and target != image_size else None,
+        center_crop=center_crop,
+        rescale=float(p.get("rescale_factor", 1 / 255)) if p.get("do_rescale", True) else 1.0,
     )
 
 
@@ -211,15 +241,16 @@ def rules(config: ContrastiveConfig) -> list[Rule]:
     return out
 
 
-def export_config(config: ContrastiveConfig, eos_token_id: int, bos_token_id: int) -> dict[str, Any]:
-    """A transformers CLIPConfig for a model of CLIP's architecture."""
+def export_config(config: ContrastiveConfig, backend) -> dict[str, Any]:
+    """A transformers CLIPConfig for a model of CLIP's architecture and its tokenizer's `backend`."""
     v, t = config.vision, config.text
     compatible = (
         v.stem == "patch" and v.pool == "cls" and v.class_token and v.pre_norm and not v.patch_bias
         and config.vision_proj and t.causal and t.pool == "eos" and not t.proj_bias and config.loss == "softmax"
     )
     if not compatible:
-        raise RosettaError("only models of CLIP's architecture can be exported to transformers' CLIPModel")
+        raise RosettaError("only models of CLIP's or SigLIP's architecture can be exported to transformers")
+    eos_token_id, bos_token_id = _clip_special_ids(backend)
     to_hf = {ours: theirs for theirs, ours in ACTIVATIONS.items() if theirs != "gelu_new"}
     return {
         "architectures": ["CLIPModel"],
@@ -233,6 +264,29 @@ def export_config(config: ContrastiveConfig, eos_token_id: int, bos_token_id: in
             "eos_token_id": eos_token_id, "bos_token_id": bos_token_id, "pad_token_id": t.pad_token_id,
         },
         "vision_config": export_vision_config(v) | {"projection_dim": config.embed_dim},
+    }
+
+
+def export_siglip_config(config: ContrastiveConfig) -> dict[str, Any]:
+    """A transformers SiglipConfig for a model of SigLIP's architecture."""
+    v, t = config.vision, config.text
+    compatible = (
+        v.pool == "map" and not config.vision_proj and not t.causal and t.pool == "last" and t.proj_bias
+        and config.loss == "sigmoid" and config.logit_bias_init is not None and v.width == config.embed_dim
+    )
+    if not compatible:
+        raise RosettaError("only models of SigLIP's architecture can be exported to transformers' SiglipModel")
+    to_hf = {ours: theirs for theirs, ours in ACTIVATIONS.items() if theirs != "gelu_new"}
+    return {
+        "architectures": ["SiglipModel"],
+        "model_type": "siglip",
+        "text_config": {
+            "vocab_size": t.vocab_size, "max_position_embeddings": t.context_length, "hidden_size": t.width,
+            "num_hidden_layers": t.layers, "num_attention_heads": t.heads, "intermediate_size": t.mlp_dim,
+            "hidden_act": to_hf[t.act], "layer_norm_eps": t.norm_eps, "projection_size": config.embed_dim,
+            "pad_token_id": t.pad_token_id, **({"eos_token_id": t.eos_token_id} if t.eos_token_id is not None else {}),
+        },
+        "vision_config": export_vision_config(v, siglip=True),
     }
 
 
@@ -251,16 +305,25 @@ def export_vision_config(v: VisionConfig, siglip: bool = False) -> dict[str, Any
 
 def export_preprocessor(config: ContrastiveConfig) -> dict[str, Any]:
     size = config.vision.image_size
+    resized = config.image.resize_size or size
     squash = config.image.resize == "squash"
+    if config.vision.pool == "map" and squash and resized == size:
+        return {  # SigLIP's own processor: it squashes and never crops
+            "image_processor_type": "SiglipImageProcessor", "do_resize": True,
+            "size": {"height": size, "width": size},
+            "resample": {name: code for code, name in _RESAMPLE.items()}[config.image.interpolation],
+            "do_rescale": True, "rescale_factor": config.image.rescale, "do_normalize": True,
+            "image_mean": list(config.image.mean), "image_std": list(config.image.std), "do_convert_rgb": True,
+        }
     return {
         "image_processor_type": "CLIPImageProcessor",
         "do_resize": True,
-        "size": {"height": size, "width": size} if squash else {"shortest_edge": size},
-        "do_center_crop": not squash,
+        "size": {"height": resized, "width": resized} if squash else {"shortest_edge": resized},
+        "do_center_crop": config.image.center_crop and not (squash and resized == size),
         "crop_size": {"height": size, "width": size},
         "resample": {name: code for code, name in _RESAMPLE.items()}[config.image.interpolation],
         "do_rescale": True,
-        "rescale_factor": 1 / 255,
+        "rescale_factor": config.image.rescale,
         "do_normalize": True,
         "image_mean": list(config.image.mean),
         "image_std": list(config.image.std),

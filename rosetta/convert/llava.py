@@ -64,9 +64,10 @@ def read_config(directory: Path):
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if t.get(key) is None and hf.get(key) is not None:
             t[key] = hf[key]
+    vision = clip.vision_config(v, siglip=False)
     return VLMConfig(
-        vision=clip.vision_config(v, siglip=False), text=llama.lm_config(t, generation, directory),
-        image=clip.image_config(directory, siglip=False),
+        vision=vision, text=llama.lm_config(t, generation, directory),
+        image=clip.image_config(directory, siglip=False, image_size=vision.image_size),
         image_token_id=hf.get("image_token_id", hf.get("image_token_index", 32000)), feature_layer=layer,
         keep_class_token=hf.get("vision_feature_select_strategy", "default") == "full",
         projector_act=_projector_act(hf.get("projector_hidden_act", "gelu"), directory),

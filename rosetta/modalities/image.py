@@ -31,6 +31,8 @@ _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
     "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
 }
 
 
@@ -136,19 +138,25 @@ def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
 
 
 def resize_and_crop(image: Image.Image, size: int, cfg: ImageConfig) -> Image.Image:
+    """Resize (the shortest side, or both sides, to `cfg.resize_size`, else to `size`), then crop the centre
+    `size` x `size` unless the processor says not to, as transformers' image processors and open_clip do."""
     resample = _RESAMPLE[cfg.interpolation]
+    target = cfg.resize_size or size
     if cfg.resize == "squash":
-        return image.resize((size, size), resample=resample)
-    if cfg.resize != "shortest":
-        raise ValueError(f"unknown resize mode {cfg.resize!r} (expected shortest or squash)")
-    width, height = image.size
-    if width <= height:
-        new_width, new_height = size, int(size * height / width)
+        image = image.resize((target, target), resample=resample)
+    elif cfg.resize == "shortest":
+        width, height = image.size
+        if width <= height:
+            new_width, new_height = target, int(target * height / width)
+        else:
+            new_width, new_height = int(target * width / height), target
+        if (new_width, new_height) != (width, height):
+            image = image.resize((new_width, new_height), resample=resample)
     else:
-        new_width, new_height = int(size * width / height), size
-    if (new_width, new_height) != (width, height):
-        image = image.resize((new_width, new_height), resample=resample)
-    margins = (new_width - size, new_height - size)
+        raise ValueError(f"unknown resize mode {cfg.resize!r} (expected shortest or squash)")
+    if not cfg.center_crop or image.size == (size, size):
+        return image
+    margins = (image.size[0] - size, image.size[1] - size)
     if cfg.crop_offset == "round":
         left, top = (round(margin / 2) for margin in margins)
     elif cfg.crop_offset == "floor":
@@ -159,8 +167,8 @@ def resize_and_crop(image: Image.Image, size: int, cfg: ImageConfig) -> Image.Im
 
 
 def preprocess(image: Image.Image, size: int, cfg: ImageConfig) -> torch.Tensor:
-    """An RGB image to normalised float32 pixels [3, size, size]."""
-    pixels = np.asarray(resize_and_crop(image, size, cfg), dtype=np.float32) * np.float32(1 / 255)
+    """An RGB image to normalised float32 pixels [3, size, size] ([3, H, W] for a processor that does not crop)."""
+    pixels = np.asarray(resize_and_crop(image, size, cfg), dtype=np.float32) * np.float32(cfg.rescale)
     pixels = (pixels - np.asarray(cfg.mean, dtype=np.float32)) / np.asarray(cfg.std, dtype=np.float32)
     return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
 

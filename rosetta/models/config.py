@@ -24,6 +24,11 @@ class ImageConfig:
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
+    # Where a processor's settings differ from "resize to the model's size, crop it, scale by 1/255": the size it
+    # resizes to before cropping (None: the model's), whether it crops the centre at all, the pixel scale.
+    resize_size: int | None = None
+    center_crop: bool = True
+    rescale: float = 1 / 255
     # Where the centre crop starts when the margin is odd: "floor" as transformers' image processors do,
     # "round" (half to even) as torchvision's CenterCrop in open_clip's transforms.
     crop_offset: str = "floor"
