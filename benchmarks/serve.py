@@ -141,13 +141,14 @@ def embed_baseline(args: argparse.Namespace, pool: list[bytes], seconds: float) 
     import rosetta
     from rosetta.models.io import place
 
+    rosetta.keep_freed_memory()  # as `rosetta serve` does
     model = place(rosetta.create("tiny" if args.tiny else "vit-b-32").eval(), args.device, "auto")
-    batch = args.max_batch
+    batch = min(args.max_batch, len(pool) // 2)
     with torch.inference_mode():
         model.embed_images(pool[:batch], batch_size=batch)  # warm-up
         done, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
-            first = done % (len(pool) - batch)
+            first = done % (len(pool) - batch + 1)
             model.embed_images(pool[first : first + batch], batch_size=batch)
             done += batch
     return done / (time.perf_counter() - start)

@@ -215,6 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, "overrides"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    from rosetta.models.io import keep_freed_memory
+
+    keep_freed_memory()  # the command owns the process: its batches reuse memory rather than fault in new pages
     try:
         return args.run(args)
     except RosettaError as e:

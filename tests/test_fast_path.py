@@ -43,10 +43,13 @@ def test_quick_gelu_mlp_in_bf16_and_with_adapters():
         reference = mlp.fc2(QuickGELU()(mlp.fc1(x)))
         _close(mlp.to(torch.bfloat16)(x.bfloat16()), reference, 0.02)
     mlp = MLP(64, 256, "quick_gelu")
+    base = mlp.fc1.weight.detach().clone(), mlp.fc1.bias.detach().clone()
     add_lora(mlp, targets=("fc1",), rank=4, alpha=8)  # not a plain Linear any more: the generic path
     torch.nn.init.normal_(mlp.fc1.lora_b)
+    lora = mlp.fc1
     with torch.inference_mode():
-        _close(mlp(x), mlp.fc2(QuickGELU()(mlp.fc1(x))), 1e-6)
+        h = F.linear(x, *base) + lora.scale * (x @ lora.lora_a.t() @ lora.lora_b.t())
+        _close(mlp(x), F.linear(h * torch.sigmoid(1.702 * h), mlp.fc2.weight, mlp.fc2.bias), 1e-5)
 
 
 @pytest.mark.parametrize("shape,patch", [((2, 3, 64, 64), 16), ((1, 3, 70, 45), 16), ((2, 1, 32, 100), 8)])
@@ -59,9 +62,11 @@ def test_patch_embed_is_the_strided_convolution(shape, patch):
     _close(torch.autograd.grad(ours.square().sum(), x)[0], torch.autograd.grad(conv.square().sum(), x)[0], 1e-5)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_last_block_for_the_pooled_rows_only(causal):
-    tower = Transformer(32, 3, 4, 64, "quick_gelu", 1e-5)
+@pytest.mark.parametrize("causal,layers,checkpointed", [(False, 3, False), (True, 3, False), (True, 2, True),
+                                                     (False, 0, False)])
+def test_last_block_for_the_pooled_rows_only(causal, layers, checkpointed):
+    tower = Transformer(32, layers, 4, 64, "quick_gelu", 1e-5)
+    tower.gradient_checkpointing = checkpointed
     x = torch.randn(5, 9, 32, requires_grad=True)
     rows = torch.tensor([0, 8, 3, 5, 0])
     picked = tower(x, causal=causal, rows=rows)

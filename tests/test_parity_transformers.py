@@ -397,7 +397,6 @@ def _assert_same_as_transformers(ours: rosetta.ContrastiveModel, directory: Path
     {"size": {"shortest_edge": 40}, "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}},  # 256 -> 224 style
     {"size": {"shortest_edge": IMAGE_SIZE}, "crop_size": IMAGE_SIZE, "resample": 2},  # bilinear
     {"size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "do_center_crop": False, "resample": 1},  # squash, lanczos
-    {"size": {"shortest_edge": IMAGE_SIZE}, "do_center_crop": False},  # no crop: the long side stays long
     {"size": {"shortest_edge": 37}, "crop_size": IMAGE_SIZE, "resample": 0, "do_normalize": False},  # nearest
     {"size": {"shortest_edge": IMAGE_SIZE}, "crop_size": IMAGE_SIZE, "resample": 4, "rescale_factor": 1 / 127.5},
     {"size": {"shortest_edge": 48}, "crop_size": IMAGE_SIZE, "resample": 5, "do_rescale": False},  # hamming
@@ -419,11 +418,16 @@ def test_image_processor_settings_are_honoured(tmp_path, hf_clip, settings):
         assert _max_diff(again, theirs) <= 1e-5
 
 
-def test_a_crop_the_model_cannot_take_is_refused(tmp_path, hf_clip):
+@pytest.mark.parametrize("settings,match", [
+    ({"crop_size": IMAGE_SIZE + 8}, "crops"),
+    ({"size": {"shortest_edge": IMAGE_SIZE}, "do_center_crop": False}, "neither crops"),  # the long side stays
+    ({"size": {"height": 40, "width": 40}, "do_center_crop": False}, "neither crops"),
+])
+def test_pixels_the_tower_cannot_take_are_refused(tmp_path, hf_clip, settings, match):
     directory = tmp_path / "model"
     shutil.copytree(hf_clip.directory, directory)
-    transformers.CLIPImageProcessorPil(crop_size=IMAGE_SIZE + 8).save_pretrained(directory)
-    with pytest.raises(rosetta.RosettaError, match="crops"):
+    transformers.CLIPImageProcessorPil(**settings).save_pretrained(directory)
+    with pytest.raises(rosetta.RosettaError, match=match):
         rosetta.load(directory)
 
 

@@ -169,10 +169,14 @@ def image_config(directory: Path, siglip: bool, image_size: int | None = None) -
     crop = crop.get("height") if isinstance(crop, dict) else crop
     if center_crop and crop and image_size and crop != image_size:
         raise RosettaError(f"{directory}: the image processor crops {crop} px, the model takes {image_size}")
+    if not center_crop and not (squash and target in (None, image_size)) and image_size:
+        raise RosettaError(f"{directory}: the image processor neither crops nor squashes to the model's {image_size} "
+                           "px: its pixels would not fit the image tower")
     normalize = p.get("do_normalize", True)
+    resample = p.get("resample")
     return ImageConfig(
         resize="squash" if squash else "shortest",
-        interpolation=_RESAMPLE.get(int(p.get("resample", 3)), "bicubic"),
+        interpolation=_RESAMPLE.get(resample if isinstance(resample, int) else 3, "bicubic"),
         mean=tuple(p.get("image_mean", HALF if siglip else OPENAI_MEAN)) if normalize else (0.0, 0.0, 0.0),
         std=tuple(p.get("image_std", HALF if siglip else OPENAI_STD)) if normalize else (1.0, 1.0, 1.0),
         resize_size=target if target and target != image_size else None,
@@ -249,7 +253,7 @@ def export_config(config: ContrastiveConfig, backend) -> dict[str, Any]:
         and config.vision_proj and t.causal and t.pool == "eos" and not t.proj_bias and config.loss == "softmax"
     )
     if not compatible:
-        raise RosettaError("only models of CLIP's or SigLIP's architecture can be exported to transformers")
+        raise RosettaError("only models of CLIP's architecture (or SigLIP's) can be exported to transformers")
     eos_token_id, bos_token_id = _clip_special_ids(backend)
     to_hf = {ours: theirs for theirs, ours in ACTIVATIONS.items() if theirs != "gelu_new"}
     return {

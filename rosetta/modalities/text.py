@@ -153,8 +153,9 @@ def train_lm_tokenizer(texts: Sequence[str], vocab_size: int, extra_special: Seq
     return LMTokenizer(tok, names, CHATML)
 
 
-# OpenAI's CLIP BPE merges (MIT licence, Copyright (c) 2021 OpenAI), as OpenAI's CLIP and open_clip ship them:
-# the tokenizer of every OpenAI and open_clip CLIP, so that a checkpoint without tokenizer files loads offline.
+# OpenAI's CLIP BPE merges (MIT licence, Copyright (c) 2021 OpenAI: CLIP_BPE_LICENSE beside it), as CLIP and
+# open_clip ship them: the tokenizer of every OpenAI and open_clip CLIP, so that a checkpoint without tokenizer
+# files loads offline.
 OPENAI_CLIP_MERGES = Path(__file__).with_name("clip_bpe_simple_vocab_16e6.txt.gz")
 CLIP_VOCAB_SIZE = 49408
 

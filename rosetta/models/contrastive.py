@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from rosetta.errors import InputError
+from rosetta.errors import InputError, RosettaError
 from rosetta.modalities.audio import AudioInput, AudioSpans, NoAudioTrack, load_audio, log_mel_spectrogram, pad_or_trim
 from rosetta.modalities.image import ImageInput, load_image, preprocess
 from rosetta.modalities.sniff import modality_of
@@ -447,6 +447,9 @@ def default_tokenizer(config: ContrastiveConfig) -> TextTokenizer:
 def read_tokenizer(directory: Path, config: ContrastiveConfig) -> TextTokenizer:
     backend = load_tokenizer_files(directory)
     if backend is None:
+        if config.text.vocab_size != CLIP_VOCAB_SIZE or config.text.cleaning != "clip":
+            raise RosettaError(f"{directory}: no tokenizer files (tokenizer.json, vocab.json + merges.txt or "
+                               "spiece.model), and its vocabulary is not OpenAI CLIP's")
         return default_tokenizer(config)
     return TextTokenizer(backend, config.text.context_length, config.text.pad_token_id, config.text.cleaning)
 

@@ -64,7 +64,9 @@ def keep_freed_memory() -> bool:
     system afresh and unmaps it when freed, so every layer's output is written into new pages, one page fault at a
     time. Kept, the same blocks serve every batch: bf16 ViT-B/32 on a 2-core AMX Xeon, batch 32, in a process
     running only Rosetta: 125-135 images/s by default, 165-172 with freed memory kept (texts +10%). The cost: the
-    process holds on to its peak heap (up to 1 GiB free) rather than returning it.
+    process holds on to its peak heap rather than returning it (up to 1 GiB free in the main heap and in each
+    thread's arena). Process-wide, so the `rosetta` commands and the trainer turn it on; a program using
+    Rosetta as a library calls `rosetta.keep_freed_memory()` if it wants it.
     """
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED is None:
@@ -90,8 +92,6 @@ def place(model, device: str | torch.device | None = None, dtype: str | torch.dt
     AMX Xeon bf16 5.0x open_clip fp32, int8 2.3x; AVX512-BF16 EPYC bf16 2.2x, int8 3.1x; AVX2 EPYC int8 1.6-1.8x.
     """
     device = resolve_device(device)
-    if device.type == "cpu":
-        keep_freed_memory()
     if dtype == "auto" and device.type == "cpu" and not cpu_has_amx() and getattr(model, "int8_when_auto", False):
         dtype = "int8"
     if dtype == "int8":

@@ -40,7 +40,8 @@ class MLP(nn.Module):
         self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.act, QuickGELU) and type(self.fc1) is Linear and type(self.fc2) is Linear and x.numel():
+        plain = all(type(fc) is Linear and not _hooked(fc) for fc in (self.fc1, self.fc2))
+        if isinstance(self.act, QuickGELU) and plain and x.numel():
             return self._quick_gelu(x)
         return self.fc2(self.act(self.fc1(x)))
 
@@ -55,12 +56,18 @@ class MLP(nn.Module):
         return F.linear(h, self.fc2.weight, bias).mul_(1 / 1.702)
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether something watches or rewrites the layer's calls (pruning, weight norm, feature capture)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
-    """`scaled_dot_product_attention`, except when training short sequences on a CPU: there its fused kernel's
+    """`scaled_dot_product_attention`, except when training small attention maps on a CPU: there its fused kernel's
     backward is 3-5x slower than plain matrix products (bf16, ViT-B/32's 50 and 77 tokens, 2-core AMX Xeon:
     15-18 ms against 3-6 for forward and backward), so those run as products with the softmax in fp32."""
     length = q.shape[-2]
-    if q.device.type != "cpu" or not (q.requires_grad and torch.is_grad_enabled()) or length > MATH_ATTENTION_MAX:
+    scores = q.shape[:-1].numel() * k.shape[-2]
+    if q.device.type != "cpu" or not (q.requires_grad and torch.is_grad_enabled()) or scores > MATH_ATTENTION_MAX:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
     if causal:
@@ -69,7 +76,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype) @ v
 
 
-MATH_ATTENTION_MAX = 256  # tokens: beyond, the saved attention maps outweigh the kernel's slower backward
+# Attention scores per layer (batch x heads x queries x keys) up to which the products run: each layer keeps
+# its maps for the backward (6 bytes a score), ~100 MB at this size (ViT-B/32 at batch 16: under 1M).
+MATH_ATTENTION_MAX = 1 << 24
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -161,6 +170,8 @@ class Transformer(nn.Module):
         [B, 1, dim] of one position per sequence: the last block computes nothing else (1/12 of ViT-B's work
         saved when it pools the class token)."""
         blocks = self.blocks[:depth]
+        if rows is not None and not len(blocks):
+            return x[torch.arange(len(rows), device=rows.device), rows].unsqueeze(1)
         for i, block in enumerate(blocks):
             last_rows = rows if i == len(blocks) - 1 else None
             if self.gradient_checkpointing and self.training:

@@ -87,7 +87,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 class MasterWeights:
     """bf16-true training: the model computes in bf16 (no casts, half the memory traffic of autocast) while fp32
     copies of its weights are what the optimiser updates and what checkpoints hold, so small updates are not lost
-    to bf16's rounding and frozen weights are saved exactly as loaded. Floating buffers keep fp32 copies too."""
+    to bf16's rounding and frozen weights are saved exactly as loaded. Gradients are bf16 until the update (summed
+    in bf16 over accumulation steps and across DDP ranks). Floating buffers keep fp32 copies too: saved as loaded
+    unless training changed them."""
 
     def __init__(self, model: nn.Module):
         self.params = [(p, p.detach().float().clone()) for p in model.parameters() if p.is_floating_point()]
@@ -129,8 +131,9 @@ class MasterWeights:
         kept_buffers = [module._buffers[name] for module, name, _ in self.buffers]
         for p, master in self.params:
             p.data = master
-        for module, name, master in self.buffers:
-            module._buffers[name] = master
+        for (module, name, master), buffer in zip(self.buffers, kept_buffers):
+            unchanged = torch.equal(buffer, master.to(buffer.dtype))
+            module._buffers[name] = master if unchanged else buffer.float()  # e.g. running statistics
         try:
             yield
         finally:
@@ -196,7 +199,10 @@ class TrainLoop:
             self.load_weights(read_weights(self.resume_from, ("model.safetensors",)))
         if cfg.precision == "bf16-true":
             if self.sharded:
-                raise RosettaError("precision bf16-true: not with fsdp (use bf16, FSDP's mixed precision)")
+                raise RosettaError("precision bf16-true: not with fsdp (use bf16, autocast, there)")
+            if self.world.size > 1:  # every rank's masters are rank 0's weights, as DDP's model copies will be
+                for tensor in self.model.state_dict().values():
+                    torch.distributed.broadcast(tensor, src=0)
             self.masters = MasterWeights(self.model)
         self.wrapped = self._wrap(self.model)
         self.steps_per_epoch = steps_per_epoch

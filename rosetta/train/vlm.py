@@ -188,7 +188,7 @@ def build_vlm(cfg: TrainConfig, texts: Sequence[str]) -> VisionLanguageModel:
     if not isinstance(template, str) or "image" not in template:  # a text model's template takes no image parts
         tokenizer.chat_template = CHATML_IMAGES if "<|im_start|>" in str(template) else LLAVA_TEMPLATE
     vocab = max(lm_config.vocab_size, len(tokenizer))
-    vision, tower_state = tower.config.vision, tower.vision.state_dict()
+    vision, tower_state, image = tower.config.vision, tower.vision.state_dict(), tower.config.image
     if v.image_size and v.image_size != vision.image_size:
         from rosetta.models.encoders import resize_position_embedding
 
@@ -198,7 +198,10 @@ def build_vlm(cfg: TrainConfig, texts: Sequence[str]) -> VisionLanguageModel:
                                "patches")
         tower_state["pos_embed"] = resize_position_embedding(tower_state["pos_embed"], vision.class_token,
                                                              v.image_size // vision.patch_size)
-    config = VLMConfig(vision=vision, image=tower.config.image,
+        if image.resize_size:  # a resize past the crop keeps its ratio to the crop (256 for 224: 384 for 336)
+            scaled = round(image.resize_size * v.image_size / tower.config.vision.image_size)
+            image = dataclasses.replace(image, resize_size=scaled)
+    config = VLMConfig(vision=vision, image=image,
                        text=dataclasses.replace(lm_config, vocab_size=vocab),
                        image_token_id=tokenizer.token_id(IMAGE_TOKEN), feature_layer=v.feature_layer)
     config = _override(config, {k: val for k, val in cfg.model_overrides.items() if k != "text"})
