@@ -146,6 +146,25 @@ def test_dataset_targets_are_the_next_reply_token(shapes):
     assert pixels.shape == (1, 3, 32, 32)
 
 
+def test_long_conversations_are_cut_never_inside_an_image(shapes):
+    model = rosetta.create("tiny-vlm")
+    image, tokens = str(shapes / "images/train/train-000000.png"), model.config.image_tokens
+    record = {"conversations": [{"from": "human", "value": "<image>\nwhat is it?"},
+                                {"from": "gpt", "value": "a blue circle " * 20}]}
+    full_ids, full_targets, _ = ConversationDataset([{**record, "image": image}], model)[0]
+    start = full_ids.tolist().index(model.config.image_token_id)
+    after_image = start + tokens + 5
+    ids, targets, pixels = ConversationDataset([{**record, "image": image}], model, max_length=after_image)[0]
+    assert torch.equal(ids, full_ids[:after_image]) and pixels.shape[0] == 1  # the image fits: kept
+    assert torch.equal(targets[:-1], full_targets[: after_image - 1])
+    inside = start + tokens // 2
+    ids, targets, pixels = ConversationDataset([{**record, "image": image}], model, max_length=inside)[0]
+    assert torch.equal(ids, full_ids[:start]) and pixels.shape[0] == 0  # cut before the image, dropped whole
+    assert (targets == IGNORE).all()  # no reply left to learn from
+    with torch.no_grad():
+        assert model(ids[None], pixels).shape[:2] == (1, start)  # what is left still runs
+
+
 # Packing.
 
 def test_pack_first_fit_decreasing_keeps_rows_within_capacity():

@@ -40,6 +40,9 @@ class VLMTrainConfig:
     lora: dict[str, Any] | None = None
     # Pack several conversations into rows of this many tokens (each attends to itself only); 0: one a row.
     pack_length: int = 0
+    # Cut conversations longer than this many tokens (0: the language model's context length), as LLaVA's
+    # model_max_length does: never inside an image's (a tile's) tokens, dropped whole where they do not fit.
+    max_length: int = 0
 
 
 @dataclass

@@ -78,10 +78,11 @@ class ConversationDataset(Dataset):
     """(token ids [L], targets [L], pixels [tiles, 3, H, W]) per record: the targets are the next token where it
     is a reply's, IGNORE elsewhere. Tokenises with a weightless twin of the model, which workers copy cheaply."""
 
-    def __init__(self, records: Sequence[Mapping[str, Any]], model: VisionLanguageModel):
+    def __init__(self, records: Sequence[Mapping[str, Any]], model: VisionLanguageModel, max_length: int = 0):
         self.records = list(records)
         with torch.device("meta"):
             self.twin = VisionLanguageModel(model.config, tokenizer=model.tokenizer)
+        self.max_length = max_length or model.config.text.context_length
 
     def __len__(self) -> int:
         return len(self.records)
@@ -94,6 +95,7 @@ class ConversationDataset(Dataset):
             ids, replies, tiles = self.twin.training_ids(conversation(record))
         except InputError as e:
             raise InputError(f"{record.get('key', index)}: {e}") from None
+        ids, replies, tiles = self._truncated(ids, replies, tiles)
         ids = torch.tensor(ids)
         targets = torch.where(torch.tensor(replies[1:]), ids[1:], IGNORE)
         targets = torch.cat([targets, torch.tensor([IGNORE])])
@@ -101,6 +103,19 @@ class ConversationDataset(Dataset):
         pixels = torch.stack([preprocess(t, config.vision.image_size, config.image) for t in tiles]) if tiles \
             else torch.zeros(0, 3, config.vision.image_size, config.vision.image_size)
         return ids, targets, pixels
+
+
+    def _truncated(self, ids: list[int], replies: list[bool], tiles: list) -> tuple[list[int], list[bool], list]:
+        """The first `max_length` tokens, moved back to before an image whose tokens the cut would split; the
+        tiles of the images kept."""
+        cut = self.max_length
+        if len(ids) <= cut:
+            return ids, replies, tiles
+        image = self.twin.config.image_token_id
+        while 0 < cut < len(ids) and ids[cut] == image and ids[cut - 1] == image:
+            cut -= 1
+        kept = sum(1 for token in ids[:cut] if token == image) // self.twin.config.image_tokens
+        return ids[:cut], replies[:cut], tiles[:kept]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,7 +300,7 @@ class VLMTrainer(TrainLoop):
         model.lm.gradient_checkpointing = model.vision.transformer.gradient_checkpointing = cfg.grad_checkpointing
         if not any(p.requires_grad for p in model.parameters()):
             raise RosettaError("vlm.train: nothing to train (vision, projector, lm, or vlm.lora)")
-        self.dataset = ConversationDataset(self.train_records, model)
+        self.dataset = ConversationDataset(self.train_records, model, cfg.vlm.max_length)
         self.start(model, len(self.train_records) // cfg.batch_size, self._flops(model))
 
     def _flops(self, model: VisionLanguageModel) -> float:
