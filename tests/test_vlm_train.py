@@ -248,6 +248,11 @@ def test_resume_from_a_checkpoint_ends_where_the_whole_run_does(shapes, tower, t
     pointer.write_text(json.dumps({"step": 3, "checkpoint": "step-00000003"}))
     resumed = train(load_config(recipe(shapes, tower, partial, **settings)), resume=True)
     assert_same_weights(whole, resumed, atol=1e-6)
+    if lora:  # the adapters alone: the frozen base weights are rebuilt, not stored twice
+        from rosetta.train import checkpoint
+
+        kept = checkpoint.load_state(partial / "checkpoints" / "step-00000003")["lora"]
+        assert kept and all(".lora_" in k for k in kept)
 
 
 def test_lora_trains_adapters_and_saves_them_merged(shapes, tower, tmp_path):

@@ -87,6 +87,6 @@ def merged_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def lora_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapted layers' parameters as they are trained (frozen base weights and both factors): what resumes
-    a LoRA run exactly, where a merged model would not."""
-    return {k: v.detach().clone() for k, v in module.state_dict().items() if ".lora_" in k or ".base." in k}
+    """Both factors of every adapter, as trained: with the frozen base weights (rebuilt as the run built them),
+    what resumes a LoRA run exactly, where the merged model would not."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if ".lora_" in k}

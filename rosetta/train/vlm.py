@@ -381,8 +381,9 @@ class VLMTrainer(TrainLoop):
                 results |= {f"{name}/{k}": v for k, v in metrics.items() if k not in TIMING}
         return results
 
-    # LoRA: a checkpoint holds the merged model (which rosetta.load opens) and, in trainer.pt, the adapters with
-    # their frozen base weights, so that a run resumes exactly.
+    # LoRA: a checkpoint holds the merged model (which rosetta.load opens) and, in trainer.pt, the adapters; the
+    # adapted layers' frozen base weights are the ones this run built again (from the same checkpoint, or the same
+    # seed), so a run resumes exactly without storing them twice.
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         if self.lora is None:
@@ -390,9 +391,10 @@ class VLMTrainer(TrainLoop):
         from rosetta.train import checkpoint
 
         adapters = checkpoint.load_state(self.resume_from)["lora"]
-        adapted = {k.rsplit(".base.", 1)[0] for k in adapters if ".base." in k}
+        adapted = {k.rsplit(".lora_", 1)[0] for k in adapters}
         kept = {k: v for k, v in state.items() if k.rsplit(".", 1)[0] not in adapted}
-        self.model.load_state_dict({**kept, **adapters})
+        built = {k: v for k, v in self.model.state_dict().items() if k.rsplit(".base.", 1)[0] in adapted}
+        self.model.load_state_dict({**kept, **built, **adapters})  # (checkpoints before this kept base weights too)
 
     def extra_state(self) -> dict[str, Any]:
         if self.lora is None:
