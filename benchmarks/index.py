@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 import rosetta
+from rosetta.models.io import cpu_isa, cpuinfo
 from rosetta.store import open_store
 from rosetta.store.index import index_files
 
@@ -60,6 +61,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_jpegs(Path(tmp), args.images)
         megabytes = sum(p.stat().st_size for p in paths) / 1e6
+        print(f"cpu: {cpuinfo('model name') or '?'} ({cpu_isa()})")
         print(f"{len(paths)} JPEGs ({megabytes:.1f} MB), model {args.model} (random init, fp32, "
               f"{torch.get_num_threads()} threads), batch size {args.batch_size}")
         model.embed_images(paths[: args.batch_size], batch_size=args.batch_size)  # warm-up

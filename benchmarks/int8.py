@@ -21,7 +21,7 @@ import rosetta
 from rosetta.data.records import read_records
 from rosetta.eval.retrieval import ImageEmbeddings, normalised
 from rosetta.eval.zeroshot import labelled
-from rosetta.models.io import cpu_has_fast_bf16
+from rosetta.models.io import cpu_has_fast_bf16, cpu_isa, cpuinfo
 
 
 def agreement(quickstart: Path) -> None:
@@ -53,7 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quickstart", type=Path, default=Path("runs/quickstart"))
     args = parser.parse_args()
-    print(f"threads: {torch.get_num_threads()}, cpu: {torch.backends.cpu.get_cpu_capability()}, "
+    print(f"threads: {torch.get_num_threads()}, cpu: {cpuinfo('model name') or '?'} ({cpu_isa()}), "
           f"native bf16: {cpu_has_fast_bf16()}")
     agreement(args.quickstart)
 

@@ -23,6 +23,7 @@ import time
 import faiss
 import numpy as np
 
+from rosetta.models.io import cpu_isa, cpuinfo
 from rosetta.store.embedded import EmbeddedStore, IndexParams
 
 DIM = 512
@@ -67,6 +68,7 @@ def main() -> None:
 
     index = ("IVF, 4 sqrt(N) lists trained on 64 vectors a list" if args.ann == "ivf"
              else f"HNSW M={args.m} efConstruction={args.ef_construction}")
+    print(f"cpu: {cpuinfo('model name') or '?'} ({cpu_isa()})")
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads to build, 1 to query; "
           f"dim {DIM}, k {args.k}, {index}; {'uniform' if args.uniform else 'clustered'} unit vectors")
     for n in (int(s) for s in args.sizes.split(",")):
