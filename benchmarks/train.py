@@ -5,9 +5,8 @@
 Both models start from the same weights (open_clip's, converted), take AdamW steps on the same
 batches, and print samples/s: open_clip in fp32 and with bf16 autocast (its fast path), Rosetta in
 fp32, bf16 autocast and its fast path (`precision: bf16-true`, bf16 weights with fp32 master weights, where
-the hardware multiplies bf16 natively; else fp32). Rosetta's steps use the AdamW its trainers build (the
-fused kernel); open_clip's, torch's default, as its training script builds it. It also checks that the fp32
-losses of the two match step by step, and prints Rosetta's MFU.
+the hardware multiplies bf16 natively; else fp32). Both use torch's AdamW as their trainers build it. It
+also checks that the fp32 losses of the two match step by step, and prints Rosetta's MFU.
 """
 
 from __future__ import annotations
@@ -98,7 +97,7 @@ def main() -> None:
         return step
 
     def bf16_true_step(model):
-        """`precision: bf16-true` as the trainer runs it: bf16 model, fp32 master weights in a fused AdamW."""
+        """`precision: bf16-true` as the trainer runs it: bf16 model, fp32 master weights in AdamW."""
         masters = MasterWeights(model)
         optimizer = adamw([masters.of(p) for p in model.parameters()], torch.device("cpu"), lr=1e-5)
 
@@ -124,7 +123,7 @@ def main() -> None:
             return loss.item()
         return step
 
-    def peer_adamw(model):  # open_clip's training script builds torch's AdamW with its defaults
+    def peer_adamw(model):  # open_clip's training script builds torch's AdamW
         return torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def our_adamw(model):  # what Rosetta's trainers build
