@@ -22,7 +22,7 @@ from rosetta.convert import open_clip as oc
 from rosetta.convert.mapping import to_ours
 from rosetta.models.io import cpu_has_fast_bf16, cpu_isa, cpuinfo, keep_freed_memory
 from rosetta.train.flops import describe_peak, peak_flops, train_flops
-from rosetta.train.loop import MasterWeights, adamw
+from rosetta.train.loop import MasterWeights
 from rosetta.train.losses import clip_loss
 
 
@@ -99,7 +99,7 @@ def main() -> None:
     def bf16_true_step(model):
         """`precision: bf16-true` as the trainer runs it: bf16 model, fp32 master weights in AdamW."""
         masters = MasterWeights(model)
-        optimizer = adamw([masters.of(p) for p in model.parameters()], torch.device("cpu"), lr=1e-5)
+        optimizer = torch.optim.AdamW([masters.of(p) for p in model.parameters()], lr=1e-5)
 
         def step(pixels, ids):
             image, text, scale, _ = model(pixels, ids)
@@ -123,11 +123,8 @@ def main() -> None:
             return loss.item()
         return step
 
-    def peer_adamw(model):  # open_clip's training script builds torch's AdamW
+    def adamw(model):  # torch's AdamW, as both training scripts build it
         return torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-    def our_adamw(model):  # what Rosetta's trainers build
-        return adamw(model.parameters(), torch.device("cpu"), lr=1e-5)
 
     fast = torch.bfloat16 if cpu_has_fast_bf16() else None
     print(f"threads: {torch.get_num_threads()}, cpu: {cpuinfo('model name') or '?'} ({cpu_isa()}), native bf16: "
@@ -136,12 +133,12 @@ def main() -> None:
     print(f"ViT-B/32 CLIP, batch {args.batch_size}, {args.steps} timed steps each\n")
 
     contenders = {
-        "rosetta fp32": (ours_step(m := fresh_ours(), our_adamw(m)), None),
-        "open_clip fp32": (peer_step(m := fresh_peer(), peer_adamw(m)), None),
-        "open_clip bf16 autocast": (peer_step(m := fresh_peer(), peer_adamw(m)), torch.bfloat16),
+        "rosetta fp32": (ours_step(m := fresh_ours(), adamw(m)), None),
+        "open_clip fp32": (peer_step(m := fresh_peer(), adamw(m)), None),
+        "open_clip bf16 autocast": (peer_step(m := fresh_peer(), adamw(m)), torch.bfloat16),
     }
     if fast:
-        contenders["rosetta bf16 autocast"] = (ours_step(m := fresh_ours(), our_adamw(m)), fast)
+        contenders["rosetta bf16 autocast"] = (ours_step(m := fresh_ours(), adamw(m)), fast)
         contenders["rosetta bf16-true"] = (bf16_true_step(fresh_ours()), None)
     speeds, losses = interleaved(contenders, batches)
     for name, value in speeds.items():
