@@ -89,7 +89,8 @@ def place(model, device: str | torch.device | None = None, dtype: str | torch.dt
     a family that says int8 keeps its answers (`int8_when_auto`: the contrastive models, whose int8 embeddings stay
     within cosine 0.99 of fp32 and give the same zero-shot class, benchmarks/int8.py), else bf16 where the CPU
     multiplies it natively (AVX512-BF16), else fp32. Measured with benchmarks/embed.py (ViT-B/32 images, 2 cores):
-    AMX Xeon bf16 5.0x open_clip fp32, int8 2.3x; AVX512-BF16 EPYC bf16 2.2x, int8 3.1x; AVX2 EPYC int8 1.6-1.8x.
+    AMX Xeon bf16 4.7-5.9x open_clip fp32, int8 2.4-3.1x; AVX512-BF16 EPYC bf16 2.2x, int8 3.1x; AVX2 EPYC int8
+    1.6-1.8x.
     """
     device = resolve_device(device)
     if dtype == "auto" and device.type == "cpu" and not cpu_has_amx() and getattr(model, "int8_when_auto", False):
