@@ -43,6 +43,12 @@ def test_generate_streams_the_completion(saved_lm):
     assert run("generate", "--model", str(saved_lm), "Hello", "--max-new-tokens", "12").stdout == out.stdout
 
 
+def test_generate_compiled_int8_writes_the_eager_text(saved_lm):
+    out = run("generate", "--model", str(saved_lm), "--dtype", "int8", "--compile", "Hello", "--max-new-tokens", "12")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == rosetta.load(saved_lm, dtype="int8").generate("Hello", 12) + "\n"
+
+
 def test_generate_reads_the_prompt_from_stdin_and_samples_with_a_seed(saved_lm):
     args = ["generate", *TINY_LM, "-", "--max-new-tokens", "16", "--temperature", "1.0", "--top-p", "0.9",
             "--seed", "4"]

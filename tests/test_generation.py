@@ -333,3 +333,38 @@ def test_a_stop_string_completed_by_the_held_back_tail_is_cut():
     stream = TextStream(tokenizer.decode, [" "])
     out = "".join(stream.push(t) for t in ids) + stream.finish()
     assert out == "Hello" and stream.stopped
+
+
+def test_compiled_decoding_gives_the_eager_tokens_without_recompiling_each_step():
+    """torch.compile'd decode steps: a late request joining (a masked window), the cache shifting and growing,
+    rows finishing; the tokens are eager's, and the steps reuse a few graphs instead of compiling each."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = rosetta.create("tiny-lm").eval()  # its own: the compiled forward is kept on the model
+    prompts = [model.tokenizer.encode(p) for p in ("first prompt", "a much longer second prompt", "3")]
+    alone = [complete(model, [p], 12, ignore_eos=True)[0].tokens for p in prompts]
+    graphs = counters["stats"]["unique_graphs"]
+    engine = Engine(model, model.tokenizer.decode, max_batch=2, capacity=8, compile=True)
+    with torch.inference_mode():
+        first = engine.submit(request(model, prompts[0], 12, ignore_eos=True))
+        for _ in range(5):
+            engine.step()
+        second = engine.submit(request(model, prompts[1], 12, ignore_eos=True))
+        third = engine.submit(request(model, prompts[2], 12, ignore_eos=True))
+        steps = 0
+        while engine.busy:
+            engine.step()
+            steps += 1
+    assert [first.tokens, second.tokens, third.tokens] == alone
+    assert steps >= 20 and counters["stats"]["unique_graphs"] - graphs <= 6  # one row or more, masked or not, ...
+
+
+def test_compiled_int8_decoding_gives_the_eager_tokens():
+    from rosetta.nn.quantize import quantize
+
+    torch.manual_seed(0)
+    model = quantize(rosetta.create("tiny-lm").eval())
+    prompts = [model.tokenizer.encode(p) for p in ("hello there", "a much longer prompt than the first one")]
+    eager = [c.tokens for c in complete(model, prompts, 16, ignore_eos=True)]
+    assert [c.tokens for c in complete(model, prompts, 16, ignore_eos=True, compile=True)] == eager

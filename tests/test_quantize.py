@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import rosetta
-from rosetta.nn.quantize import Int8Linear, quantize
+from rosetta.nn.quantize import _PACKED, Int8Linear, quantize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,7 +94,8 @@ def test_a_rows_int8_product_does_not_depend_on_the_rows_beside_it():
         together = layer(x)
         torch.testing.assert_close(together[:5], layer(x[:5]), rtol=1e-6, atol=0)
         torch.testing.assert_close(together[299:], layer(x[299:]), rtol=1e-6, atol=0)
-        per_tensor = torch.ops.quantized.linear_dynamic(x, layer._packed, True)[:5]  # what one scale would give
+        fbgemm = _PACKED[layer._handle][0]
+        per_tensor = torch.ops.quantized.linear_dynamic(x, fbgemm, True)[:5]  # what one scale would give
         assert not torch.allclose(per_tensor + layer._bias, layer(x[:5]), rtol=1e-3)
     model = quantize(rosetta.create("tiny").eval())
     pixels = torch.rand(6, 3, 32, 32)

@@ -45,6 +45,22 @@ class Decoder(Protocol):
     # each admitted row's context (its encoder output) into the cache.
 
 
+def compiled_decoder(model: Decoder) -> Callable[..., torch.Tensor]:
+    """The model's forward through `torch.compile`, for decode steps; made once per model and kept on it.
+
+    A decode step is a few hundred small operations on one token a row, and on a CPU their dispatch costs more
+    than their arithmetic: compiled, the elementwise work between the matrix products fuses into a few dozen
+    kernels. Sizes are symbolic from the start (rows, attended columns), so a step never waits for a
+    recompilation; the first steps pay the compilation (about a minute on two cores for a 30-layer model).
+    Prefills keep the eager path: their large products are where the time goes, and compiling them buys little.
+    """
+    compiled = getattr(model, "_compiled_decoder", None)
+    if compiled is None:
+        compiled = torch.compile(model.forward, dynamic=True)
+        model._compiled_decoder = compiled
+    return compiled
+
+
 @dataclass
 class Request:
     prompt: list[int]
@@ -111,8 +127,10 @@ class Event:
 
 class Engine:
     def __init__(self, model: Decoder, decode: Callable[[list[int]], str], max_batch: int = 8,
-                 capacity: int = 256):
+                 capacity: int = 256, compile: bool = False):
+        """`compile`: run decode steps through `torch.compile` (see `compiled_decoder`)."""
         self.model = model
+        self.decoder = compiled_decoder(model) if compile else model  # what decode steps call
         self.decode = decode
         self.max_batch = max_batch
         self.cache = model.new_cache(max_batch, capacity)
@@ -212,7 +230,7 @@ class Engine:
         ids = torch.tensor([[s.tokens[-1]] for s in self.rows], device=device)
         positions = torch.tensor([[s.position - 1] for s in self.rows], device=device)
         window = self.cache.window(slice(0, n), self.column, 1, self.first[:n])
-        logits = self.model(ids, positions=positions, window=window, last_only=True)
+        logits = self.decoder(ids, positions=positions, window=window, last_only=True)
         self.column += 1
         return self._choose(list(range(n)), logits)
 

@@ -43,16 +43,16 @@ def request(model, prompt: list[int], max_new_tokens: int = 256, *, temperature:
                    processors=tuple(logits_processors), ignore_eos=ignore_eos, prompt_embeds=prompt_embeds)
 
 
-def engine(model, slots: int, capacity: int) -> Engine:
-    return Engine(model, model.tokenizer.decode, max_batch=slots, capacity=capacity)
+def engine(model, slots: int, capacity: int, compile: bool = False) -> Engine:
+    return Engine(model, model.tokenizer.decode, max_batch=slots, capacity=capacity, compile=compile)
 
 
 @torch.inference_mode()
 def complete(model, prompts: Sequence[list[int]], max_new_tokens: int = 256, *, num_beams: int = 1,
              length_penalty: float = 1.0, prompt_embeds: Sequence[torch.Tensor | None] | None = None,
-             **options: Any) -> list[Completion]:
+             compile: bool = False, **options: Any) -> list[Completion]:
     """One completion per prompt (token ids; with `prompt_embeds`, each prompt's embeddings, images spliced in),
-    decoded together."""
+    decoded together; `compile`: decode steps through torch.compile (`rosetta.generation.engine.compiled_decoder`)."""
     embeds = list(prompt_embeds) if prompt_embeds is not None else [None] * len(prompts)
     requests = [request(model, p, max_new_tokens, prompt_embeds=e, **options) for p, e in zip(prompts, embeds)]
     if num_beams > 1:
@@ -68,13 +68,14 @@ def complete(model, prompts: Sequence[list[int]], max_new_tokens: int = 256, *, 
     if not requests:
         return []
     capacity = max(len(r.prompt) for r in requests) + max(r.max_new_tokens for r in requests)
-    return engine(model, min(len(requests), MAX_BATCH), capacity).generate(requests)
+    return engine(model, min(len(requests), MAX_BATCH), capacity, compile).generate(requests)
 
 
-def stream(model, prompt: list[int], max_new_tokens: int = 256, **options: Any) -> Iterator[str]:
+def stream(model, prompt: list[int], max_new_tokens: int = 256, compile: bool = False,
+           **options: Any) -> Iterator[str]:
     """Text deltas of one completion, as tokens are made."""
     r = request(model, prompt, max_new_tokens, **options)
-    run = engine(model, 1, len(r.prompt) + r.max_new_tokens)
+    run = engine(model, 1, len(r.prompt) + r.max_new_tokens, compile)
     with torch.inference_mode():
         for event in run.run([r]):
             if event.sequence.error is not None:

@@ -217,7 +217,8 @@ class CausalLM(nn.Module):
         Options: temperature (0: greedy), top_k, top_p, min_p, repetition_penalty (default: the checkpoint's
         generation config, else greedy), stop (strings), json_schema (a dict or JSON text: the output then
         always validates), seed, num_beams and length_penalty (beam search), ignore_eos, truncate (cut a
-        prompt longer than the context from the left instead of refusing it), logits_processors.
+        prompt longer than the context from the left instead of refusing it), logits_processors, compile (decode
+        steps through torch.compile: a minute's compilation on first use, faster tokens after it).
         """
         from rosetta.generation.tasks import complete
 

@@ -14,13 +14,37 @@ products; it is for inference, and is saved by saving the model it was made from
 
 from __future__ import annotations
 
+import itertools
 import warnings
+import weakref
 
 import torch
 from torch import nn
 
 _ENGINES = set(torch.backends.quantized.supported_engines)
 LARGE_ROWS = 256  # from here on oneDNN's int8 product beats fbgemm's (measured: AMD EPYC, AVX2, 2 threads)
+
+# torch.compile cannot trace the packed-weights objects the quantised kernels take, so a compiled graph (the
+# decode step, `rosetta.generation`) calls them through this op, which names a layer's weights by a number.
+_PACKED: dict[int, tuple[object, object | None, int]] = {}  # handle: (fbgemm's, oneDNN's or None, out_features)
+_HANDLES = itertools.count()
+_LIBRARY = torch.library.Library("rosetta", "DEF")
+_LIBRARY.define("int8_linear(Tensor x, int handle) -> Tensor")
+
+
+def _int8_product(x: torch.Tensor, handle: int) -> torch.Tensor:
+    packed, packed_large, _ = _PACKED[handle]
+    if packed_large is not None and x.shape[0] > LARGE_ROWS:  # the last row is the range anchor
+        packed = packed_large
+    return torch.ops.quantized.linear_dynamic.default(x, packed, True)
+
+
+_LIBRARY.impl("int8_linear", _int8_product, "CPU")
+
+
+@torch.library.register_fake("rosetta::int8_linear")
+def _(x: torch.Tensor, handle: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], _PACKED[handle][2])
 
 
 def _prepack(q: torch.Tensor, bias: torch.Tensor | None, engine: str):
@@ -45,10 +69,13 @@ class Int8Linear(nn.Module):
         with warnings.catch_warnings():  # torch marks its quantised tensors deprecated; its kernels are what it has
             warnings.simplefilter("ignore", UserWarning)
             q = torch.quantize_per_channel(weight, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
-            self._packed = _prepack(q, None, "fbgemm")
+            packed = _prepack(q, None, "fbgemm")
             # oneDNN's kernels are 10-20% faster than fbgemm's from a few hundred rows on, 2-3x slower below:
             # a second copy of the weights, in its layout, for the large products (prefill, image batches).
-            self._packed_large = _prepack(q, None, "onednn") if "onednn" in _ENGINES else None
+            packed_large = _prepack(q, None, "onednn") if "onednn" in _ENGINES else None
+        self._handle = next(_HANDLES)
+        _PACKED[self._handle] = (packed, packed_large, self.out_features)
+        weakref.finalize(self, _PACKED.pop, self._handle, None)
 
     @classmethod
     def of(cls, linear: nn.Linear) -> Int8Linear:
@@ -64,10 +91,12 @@ class Int8Linear(nn.Module):
         scaled = torch.empty(n + 1, self.in_features)
         torch.div(rows, peak, out=scaled[:n])
         scaled[n:].copy_(self._anchor)
-        packed = self._packed_large if self._packed_large is not None and n >= LARGE_ROWS else self._packed
-        y = torch.ops.quantized.linear_dynamic(scaled, packed, True)[:n].mul_(peak)
+        if torch.compiler.is_compiling():
+            y = torch.ops.rosetta.int8_linear(scaled, self._handle)[:n] * peak
+        else:  # the op's own Python dispatch costs 20 us a call, a fifth of a decode step's product
+            y = _int8_product(scaled, self._handle)[:n].mul_(peak)
         if self._bias is not None:
-            y.add_(self._bias)
+            y = y + self._bias
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

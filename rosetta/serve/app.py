@@ -781,7 +781,7 @@ def create_app(model, store=None, settings: Settings | None = None) -> FastAPI:
         from rosetta.serve.generation import TextGenerator, text_model
 
         svc.generator = TextGenerator(text_model(model), max_batch=settings.max_sequences, max_queue=settings.max_queue,
-                                      metrics=metrics_)
+                                      metrics=metrics_, compile=settings.compile)
     workers = [w for w in (svc.batcher, svc.generator) if w is not None]
 
     @contextlib.asynccontextmanager

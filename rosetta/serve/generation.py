@@ -60,9 +60,10 @@ class Stream:
 
 class TextGenerator:
     def __init__(self, model, max_batch: int = 8, max_queue: int = 256, metrics: Metrics | None = None,
-                 capacity: int = 256):
+                 capacity: int = 256, compile: bool = False):
         self.model = model
-        self.engine = Engine(model, model.tokenizer.decode, max_batch=max_batch, capacity=capacity)
+        self.compile = compile
+        self.engine = Engine(model, model.tokenizer.decode, max_batch=max_batch, capacity=capacity, compile=compile)
         self.max_queue = max_queue
         self.metrics = metrics
         self._inbox: list[tuple[Request, Stream]] = []
@@ -175,7 +176,7 @@ class TextGenerator:
             stream.push(error)
         self._streams.clear()
         self.engine = Engine(self.model, self.model.tokenizer.decode, max_batch=self.engine.max_batch,
-                             capacity=self.engine.cache.capacity)
+                             capacity=self.engine.cache.capacity, compile=self.compile)
 
     def _cancel_everything(self) -> None:
         for sequence in [*self.engine.rows, *self.engine.waiting]:
