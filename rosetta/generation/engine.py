@@ -12,6 +12,7 @@ at the current column, which is what left padding is in a static batch.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -56,6 +57,8 @@ def compiled_decoder(model: Decoder) -> Callable[..., torch.Tensor]:
     """
     compiled = getattr(model, "_compiled_decoder", None)
     if compiled is None:
+        # Inductor's C++ toolchain probe warns "No CUDA runtime is found" on every CPU-only machine.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         compiled = torch.compile(model.forward, dynamic=True)
         model._compiled_decoder = compiled
     return compiled
