@@ -60,15 +60,15 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def measure(generate, prompts, new: int) -> tuple[float, float, float, list[list[int]]]:
+def measure(generate, prompts, new: int, rows: int | None = None) -> tuple[float, float, float, list[list[int]]]:
     """(seconds of the warm-up, seconds to the first token, decode tokens/s, the generated tokens) of
-    `generate(prompts, n)`."""
+    `generate(prompts, n)`, for `rows` sequences (default: the prompts tensor's first dimension)."""
     warm_up = timed(lambda: generate(prompts, 4))  # kernel selection, allocator; compilation
     first = min(timed(lambda: generate(prompts, 1)) for _ in range(2))
     start = time.perf_counter()
     tokens = generate(prompts, new)
     total = time.perf_counter() - start
-    return warm_up, first, prompts.shape[0] * (new - 1) / max(total - first, 1e-9), tokens
+    return warm_up, first, (rows or prompts.shape[0]) * (new - 1) / max(total - first, 1e-9), tokens
 
 
 def main() -> None:

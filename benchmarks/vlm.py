@@ -3,10 +3,13 @@ LLaVA-style model (a ViT-B/32-sized CLIP tower at 224 px, 49 image tokens; SmolL
 language model), one process.
 
     python benchmarks/vlm.py [--question 32] [--new 64] [--batches 1 8] [--dtypes fp32 bf16 int8]
+                             [--compiled int8]
 
 Each prompt is one 224 px image and a 32-token question; 64 tokens are generated with end-of-sequence ignored,
 greedy. Time to first token is a one-token generation: the image encoding and the prefill. Decode speed is
-the tokens after the first, per second. Both sides run fp32 and bf16; Rosetta also int8 (`dtype="int8"`).
+the tokens after the first, per second. Both sides run fp32 and bf16; Rosetta also int8 (`dtype="int8"`), and
+the dtypes in `--compiled` with its decode steps through torch.compile (`compile=True`; the compilation is
+paid in the warm-up, reported apart).
 Then, per batch size, each side's fastest path against the other's, and whether the fp32 greedy tokens agree.
 """
 
@@ -47,6 +50,8 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64, help="tokens generated (default: 64)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16", "int8"], choices=["fp32", "bf16", "int8"])
+    parser.add_argument("--compiled", nargs="*", default=["int8"], choices=["fp32", "bf16", "int8"],
+                        help="dtypes Rosetta also runs with compile=True (default: int8)")
     args = parser.parse_args()
 
     isa = cpu_isa()
@@ -60,7 +65,8 @@ def main() -> None:
 
         byte_lm_tokenizer().save(Path(directory))  # a tokenizer to load with; the prompts are ids
         fp32 = rosetta.load(directory)
-        models = {name: fp32 if name == "fp32" else rosetta.load(directory, dtype=name) for name in args.dtypes}
+        models = {name: fp32 if name == "fp32" else rosetta.load(directory, dtype=name)
+                  for name in dict.fromkeys(args.dtypes + args.compiled)}
     print(f"model: LLaVA-style, ViT-B/32 tower at 224 px ({fp32.config.image_tokens} image tokens) + SmolLM2-135M's "
           f"shape, {fp32.num_params() / 1e6:.1f}M parameters, random weights; one image and {args.question} question "
           f"tokens a prompt, {args.new} new tokens, end-of-sequence ignored, greedy\n")
@@ -72,36 +78,41 @@ def main() -> None:
                                  do_sample=False)
         return out[:, ids.shape[1]:].tolist()
 
-    def mine(inputs, n: int, model) -> list[list[int]]:
+    def mine(inputs, n: int, model, compile: bool = False) -> list[list[int]]:
         ids, pixels = inputs
         features = model.encode_images(pixels.to(model.dtype))
         embeds = [model.embed_prompt(row[None], f[None])[0] for row, f in zip(ids, features)]
-        return [c.tokens for c in complete(model.lm, ids.tolist(), n, prompt_embeds=embeds, ignore_eos=True)]
+        return [c.tokens for c in complete(model.lm, ids.tolist(), n, prompt_embeds=embeds, ignore_eos=True,
+                                           compile=compile)]
 
     generator = torch.Generator().manual_seed(1)
-    print(f"{'':22} {'batch':>5} {'first token s':>14} {'decode tok/s':>13}")
+    print(f"{'':26} {'batch':>5} {'warm-up s':>10} {'first token s':>14} {'decode tok/s':>13}")
     best: dict[tuple[str, int], tuple[tuple[float, str], tuple[float, str]]] = {}  # (decode, first token)
     agree: dict[int, bool] = {}
     for batch in args.batches:
         question = torch.randint(3, 49000, (batch, args.question), generator=generator)
         ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), torch.full((batch, 49), IMAGE_TOKEN), question], 1)
         pixels = torch.randn(batch, 3, 224, 224, generator=generator)
-        for name in args.dtypes:
-            sides = [("rosetta", lambda inputs, n, m=models[name]: mine(inputs, n, m))]
-            if name != "int8":
+        for name in dict.fromkeys(args.dtypes + args.compiled):
+            sides = []
+            if name != "int8" and name in args.dtypes:
                 reference.to(torch.float32 if name == "fp32" else torch.bfloat16)
                 if name == "fp32":
                     reference.load_state_dict(pristine)
-                sides.insert(0, ("transformers", theirs))
+                sides.append(("transformers", name, theirs))
+            if name in args.dtypes:
+                sides.append(("rosetta", name, lambda inputs, n, m=models[name]: mine(inputs, n, m)))
+            if name in args.compiled:
+                sides.append(("rosetta", name + "+compile", lambda inputs, n, m=models[name]: mine(inputs, n, m, True)))
             tokens = {}
-            for side, generate in sides:
+            for side, path, generate in sides:
                 with torch.inference_mode():
-                    first, rate, tokens[side] = measure(generate, (ids, pixels), args.new, rows=batch)
-                print(f"{side + ' ' + name:22} {batch:>5} {first:>14.3f} {rate:>13.1f}", flush=True)
+                    warm_up, first, rate, tokens[side, path] = measure(generate, (ids, pixels), args.new, rows=batch)
+                print(f"{side + ' ' + path:26} {batch:>5} {warm_up:>10.1f} {first:>14.3f} {rate:>13.1f}", flush=True)
                 fastest, quickest = best.get((side, batch), ((0.0, ""), (float("inf"), "")))
-                best[side, batch] = (max(fastest, (rate, name)), min(quickest, (first, name)))
-            if name == "fp32":
-                agree[batch] = tokens["rosetta"] == tokens["transformers"]
+                best[side, batch] = (max(fastest, (rate, path)), min(quickest, (first, path)))
+            if ("transformers", "fp32") in tokens:
+                agree[batch] = all(t == tokens["transformers", "fp32"] for t in tokens.values())
         reference.float()
     print()
     for batch in args.batches:
