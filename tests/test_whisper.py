@@ -258,6 +258,11 @@ def test_many_files_batched_equal_each_alone(tiny_en, speech):
     assert together == [tiny_en.transcribe(p).text for p in speech[:4]]
 
 
+def test_compiled_decoding_transcribes_as_eager(tiny_en, speech):
+    audio = np.concatenate([load_audio(p) for p in speech[:2]])
+    assert tiny_en.transcribe(audio, compile=True).text == tiny_en.transcribe(audio).text
+
+
 def test_beam_search_transcribes(tiny_en, speech):
     text = tiny_en.transcribe(speech[7], beam_size=3).text.lower()
     assert "museum" in text and "spring" in text

@@ -79,10 +79,11 @@ def transcribe(model, audio: AudioInput, **options) -> Transcription:
 
 def transcribe_many(model, audios: Sequence[AudioInput], batch_size: int = 8, vad: bool = False,
                     progress: bool | None = None, on_error: Callable[[AudioInput, Exception], None] | None = None,
-                    **options) -> list[Transcription | None]:
+                    compile: bool = False, **options) -> list[Transcription | None]:
     """Transcriptions of several recordings, decoded together. Options are `DecodingOptions`' fields
     (language, task, beam_size, temperatures, word_timestamps, initial_prompt, ...); `vad` skips silence and
-    decodes the speech chunks independently. A recording that cannot be read is None, and reported to
+    decodes the speech chunks independently; `compile` runs the decoder's steps through torch.compile (a
+    compilation on first use, kept on the model). A recording that cannot be read is None, and reported to
     `on_error` (else the error is raised)."""
     decoding = DecodingOptions(**options)
     if decoding.task not in ("transcribe", "translate"):
@@ -105,7 +106,7 @@ def transcribe_many(model, audios: Sequence[AudioInput], batch_size: int = 8, va
     show = progress if progress is not None else total > 60
     with torch.inference_mode(), tqdm(total=round(total, 1), unit="s", desc="audio", disable=not show or None,
                                       leave=False) as bar:
-        _Decoder(model, decoding, batch_size).run([j for j in jobs if j is not None], bar)
+        _Decoder(model, decoding, batch_size, compile).run([j for j in jobs if j is not None], bar)
     return [None if j is None else j.result() for j in jobs]
 
 
@@ -278,7 +279,7 @@ class _Recording:
 class _Decoder:
     """Runs the windows that are due, of every recording, through the encoder and the engine together."""
 
-    def __init__(self, model, options: DecodingOptions, batch_size: int):
+    def __init__(self, model, options: DecodingOptions, batch_size: int, compile: bool = False):
         self.model, self.options, self.batch_size = model, options, batch_size
         self.tokens = model.tokens
         self.suppress = tuple(i for i in (options.suppress_tokens if options.suppress_tokens is not None
@@ -288,7 +289,7 @@ class _Decoder:
         eot = self.tokens.eot
         self.engine = Engine(model, lambda ids: model.tokenizer.decode([i for i in ids if i < eot]),
                              max_batch=batch_size * max(options.best_of, options.beam_size, 1),
-                             capacity=model.context_length)
+                             capacity=model.context_length, compile=compile)
 
     def run(self, recordings: list[_Recording], bar) -> None:
         active = list(recordings)
