@@ -335,36 +335,85 @@ def test_a_stop_string_completed_by_the_held_back_tail_is_cut():
     assert out == "Hello" and stream.stopped
 
 
-def test_compiled_decoding_gives_the_eager_tokens_without_recompiling_each_step():
-    """torch.compile'd decode steps: a late request joining (a masked window), the cache shifting and growing,
-    rows finishing; the tokens are eager's, and the steps reuse a few graphs instead of compiling each."""
+def _compiled_graphs_and_breaks() -> tuple[int, int]:
     from torch._dynamo.utils import counters
 
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
+def test_compiled_decoding_gives_the_eager_tokens_without_recompiling_each_step():
+    """torch.compile'd decode steps: a late request joining (a masked window), the cache shifting and growing,
+    rows finishing; the tokens are eager's, and the steps reuse a few whole graphs instead of compiling each."""
     torch.manual_seed(0)
-    model = rosetta.create("tiny-lm").eval()  # its own: the compiled forward is kept on the model
-    prompts = [model.tokenizer.encode(p) for p in ("first prompt", "a much longer second prompt", "3")]
+    model = rosetta.create("tiny-lm").eval()
+    prompts = [model.tokenizer.encode(p) for p in ("first prompt", "a much longer second prompt", "3", "four")]
     alone = [complete(model, [p], 12, ignore_eos=True)[0].tokens for p in prompts]
-    graphs = counters["stats"]["unique_graphs"]
-    engine = Engine(model, model.tokenizer.decode, max_batch=2, capacity=8, compile=True)
+    graphs, breaks = _compiled_graphs_and_breaks()
+    engine = Engine(model, model.tokenizer.decode, max_batch=3, capacity=8, compile=True)
     with torch.inference_mode():
         first = engine.submit(request(model, prompts[0], 12, ignore_eos=True))
         for _ in range(5):
             engine.step()
-        second = engine.submit(request(model, prompts[1], 12, ignore_eos=True))
-        third = engine.submit(request(model, prompts[2], 12, ignore_eos=True))
+        later = [engine.submit(request(model, p, 12, ignore_eos=True)) for p in prompts[1:]]  # 3 rows, one waits
         steps = 0
         while engine.busy:
             engine.step()
             steps += 1
-    assert [first.tokens, second.tokens, third.tokens] == alone
-    assert steps >= 20 and counters["stats"]["unique_graphs"] - graphs <= 6  # one row or more, masked or not, ...
+    assert [first.tokens, *(s.tokens for s in later)] == alone
+    new_graphs, new_breaks = _compiled_graphs_and_breaks()
+    assert engine.decoder is not model and new_breaks == breaks  # whole graphs, no eager pieces
+    assert steps >= 20 and 1 <= new_graphs - graphs <= 6  # one row or more, masked or not, ...
 
 
-def test_compiled_int8_decoding_gives_the_eager_tokens():
+def test_compiled_int8_decoding_computes_the_eager_logits():
+    """Both runs are forced along the same tokens, so that every step's logits can be compared: equal up to the
+    rounding of fused kernels, which int8's activation quantisation can magnify by a step of its grid."""
     from rosetta.nn.quantize import quantize
 
     torch.manual_seed(0)
     model = quantize(rosetta.create("tiny-lm").eval())
     prompts = [model.tokenizer.encode(p) for p in ("hello there", "a much longer prompt than the first one")]
-    eager = [c.tokens for c in complete(model, prompts, 16, ignore_eos=True)]
-    assert [c.tokens for c in complete(model, prompts, 16, ignore_eos=True, compile=True)] == eager
+    forced = model.tokenizer.encode("forced text", add_special_tokens=False)
+
+    def run(compile: bool) -> list[list[torch.Tensor]]:
+        seen: list[list[torch.Tensor]] = [[] for _ in prompts]
+
+        def recorder(rows: list[torch.Tensor]):
+            def record(ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+                rows.append(logits.clone())
+                choice = torch.full_like(logits, -torch.inf)
+                choice[forced[len(rows) - 1]] = 0
+                return choice
+            return record
+
+        engine = Engine(model, model.tokenizer.decode, max_batch=2, compile=compile)
+        requests = [request(model, p, len(forced), ignore_eos=True, logits_processors=[recorder(rows)])
+                    for p, rows in zip(prompts, seen)]
+        with torch.inference_mode():
+            completions = engine.generate(requests)
+        assert all(c.tokens == forced for c in completions)
+        return seen
+
+    eager = run(compile=False)
+    graphs, breaks = _compiled_graphs_and_breaks()
+    compiled = run(compile=True)
+    new_graphs, new_breaks = _compiled_graphs_and_breaks()
+    assert new_graphs > graphs and new_breaks == breaks
+    for eager_rows, compiled_rows in zip(eager, compiled):
+        torch.testing.assert_close(compiled_rows[0], eager_rows[0], rtol=0, atol=0)  # the prefill: eager in both
+        for e, c in zip(eager_rows[1:], compiled_rows[1:]):
+            assert (c - e).abs().max() <= 5e-3 * e.abs().max()
+
+
+def test_a_failing_compiler_falls_back_to_eager_decoding(lm, caplog):
+    expected = complete(lm, [lm.tokenizer.encode("hello")], 8, ignore_eos=True)[0].tokens
+    engine = Engine(lm, lm.tokenizer.decode, max_batch=1)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    engine.decoder = broken  # what compile=True holds, failing as a machine without a toolchain would
+    with torch.inference_mode():
+        (completion,) = engine.generate([request(lm, lm.tokenizer.encode("hello"), 8, ignore_eos=True)])
+    assert completion.tokens == expected and engine.decoder is lm
+    assert "compiled decoding failed (RuntimeError: no C++ compiler)" in caplog.text

@@ -124,3 +124,23 @@ def test_auto_picks_each_cpu_kinds_fastest_path(monkeypatch, flags, contrastive,
     if contrastive == "bf16":
         assert clip.dtype == torch.bfloat16
     assert io.place(rosetta.create("tiny-lm"), "cpu", "auto").dtype == lm
+
+
+def test_an_int8_layer_copied_or_unpickled_outlives_its_original():
+    import copy
+    import gc
+    import pickle
+
+    layer = Int8Linear.of(torch.nn.Linear(16, 8))
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        expected = layer(x)
+        copies = [copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))]
+        assert len({layer._handle, *(c._handle for c in copies)}) == 3
+        handles = [c._handle for c in copies]
+        del layer
+        gc.collect()
+        assert all(torch.equal(c(x), expected) for c in copies)
+    del copies
+    gc.collect()
+    assert not set(handles) & set(_PACKED)  # freed with their layers

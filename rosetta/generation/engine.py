@@ -12,6 +12,7 @@ at the current column, which is what left padding is in a static batch.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import deque
@@ -46,22 +47,32 @@ class Decoder(Protocol):
     # each admitted row's context (its encoder output) into the cache.
 
 
+_COMPILED: dict[type, Callable[..., torch.Tensor]] = {}  # per model class: the compiled `forward`
+log = logging.getLogger("rosetta.generation")
+
+
 def compiled_decoder(model: Decoder) -> Callable[..., torch.Tensor]:
-    """The model's forward through `torch.compile`, for decode steps; made once per model and kept on it.
+    """The model's forward through `torch.compile`, for decode steps.
 
     A decode step is a few hundred small operations on one token a row, and on a CPU their dispatch costs more
     than their arithmetic: compiled, the elementwise work between the matrix products fuses into a few dozen
-    kernels. Sizes are symbolic from the start (rows, attended columns), so a step never waits for a
-    recompilation; the first steps pay the compilation (about a minute on two cores for a 30-layer model).
-    Prefills keep the eager path: their large products are where the time goes, and compiling them buys little.
+    kernels. Sizes are symbolic from the start, so a growing context never recompiles; a handful of graphs
+    (one row or several, masked or not) cover a server's traffic, the first of them about a minute's
+    compilation on two cores for a 30-layer model. Prefills keep the eager path: their large products are
+    where the time goes, and compiling them buys little.
+
+    The class's forward is compiled, not the instance's: nothing is kept on the model, so copies and pickles
+    of it stay plain modules, and each instance is an input the compiled code is guarded on.
     """
-    compiled = getattr(model, "_compiled_decoder", None)
-    if compiled is None:
+    forward = _COMPILED.get(type(model))
+    if forward is None:
         # Inductor's C++ toolchain probe warns "No CUDA runtime is found" on every CPU-only machine.
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        compiled = torch.compile(model.forward, dynamic=True)
-        model._compiled_decoder = compiled
-    return compiled
+        logging.getLogger("torch.utils.cpp_extension").addFilter(lambda r: "No CUDA runtime" not in r.getMessage())
+        # Each model (its dtype, its int8 layers' handles) takes cache entries of its own; past dynamo's default
+        # of 8 a second model would fall back to eager without a word.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        forward = _COMPILED[type(model)] = torch.compile(type(model).forward, dynamic=True)
+    return functools.partial(forward, model)
 
 
 @dataclass
@@ -233,7 +244,14 @@ class Engine:
         ids = torch.tensor([[s.tokens[-1]] for s in self.rows], device=device)
         positions = torch.tensor([[s.position - 1] for s in self.rows], device=device)
         window = self.cache.window(slice(0, n), self.column, 1, self.first[:n])
-        logits = self.decoder(ids, positions=positions, window=window, last_only=True)
+        try:
+            logits = self.decoder(ids, positions=positions, window=window, last_only=True)
+        except Exception as e:  # noqa: BLE001 - a compiler failure (no C++ toolchain...): decode eagerly instead
+            if self.decoder is self.model:
+                raise
+            log.warning("compiled decoding failed (%s: %s); decoding without compiling", type(e).__name__, e)
+            self.decoder = self.model
+            logits = self.model(ids, positions=positions, window=window, last_only=True)
         self.column += 1
         return self._choose(list(range(n)), logits)
 

@@ -69,13 +69,21 @@ class Int8Linear(nn.Module):
         with warnings.catch_warnings():  # torch marks its quantised tensors deprecated; its kernels are what it has
             warnings.simplefilter("ignore", UserWarning)
             q = torch.quantize_per_channel(weight, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
-            packed = _prepack(q, None, "fbgemm")
+            self._packed = _prepack(q, None, "fbgemm")
             # oneDNN's kernels are 10-20% faster than fbgemm's from a few hundred rows on, 2-3x slower below:
             # a second copy of the weights, in its layout, for the large products (prefill, image batches).
-            packed_large = _prepack(q, None, "onednn") if "onednn" in _ENGINES else None
+            self._packed_large = _prepack(q, None, "onednn") if "onednn" in _ENGINES else None
+        self._register()
+
+    def _register(self) -> None:
+        """A handle of this layer's own for its packed weights, given up when the layer is freed."""
         self._handle = next(_HANDLES)
-        _PACKED[self._handle] = (packed, packed_large, self.out_features)
+        _PACKED[self._handle] = (self._packed, self._packed_large, self.out_features)
         weakref.finalize(self, _PACKED.pop, self._handle, None)
+
+    def __setstate__(self, state) -> None:  # a deep copy or an unpickled layer: a handle of its own
+        super().__setstate__(state)
+        self._register()
 
     @classmethod
     def of(cls, linear: nn.Linear) -> Int8Linear:

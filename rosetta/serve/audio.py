@@ -47,7 +47,7 @@ async def _run(request: Request, upload: UploadFile, task: str, language: str | 
         from rosetta.modalities.audio import load_audio
 
         waveform = load_audio(data, max_seconds=limit)  # decoded once here: the limit is checked first
-        return svc.model.transcribe(waveform, **options)
+        return svc.model.transcribe(waveform, compile=svc.settings.compile, **options)
 
     try:
         result = await asyncio.get_running_loop().run_in_executor(_worker, work)
