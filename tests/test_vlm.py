@@ -203,6 +203,14 @@ def test_caption_prints_a_json_line_per_image_and_names_the_broken_one(model_dir
     assert len(errors) == 1 and "broken.jpg" in errors[0]
 
 
+def test_caption_compiled_prints_the_eager_captions(model_dir, images):
+    # fp32: in bf16 the fused kernels keep fp32 between ops where eager rounds after each, so tokens may differ
+    eager, compiled = (_rosetta("caption", "--model", model_dir, *map(str, images[:2]), "--max-new-tokens", "6",
+                                "--dtype", "fp32", *flag) for flag in ([], ["--compile"]))
+    assert compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == eager.stdout and len(compiled.stdout.splitlines()) == 2
+
+
 def test_ask_one_per_image_and_together(model_dir, images, tmp_path):
     done = _rosetta("ask", "--model", model_dir, str(images[0]), str(images[1]), "Is it red?", "--max-new-tokens", "4")
     assert done.returncode == 0, done.stderr
