@@ -79,9 +79,12 @@ def test_text_stream_equals_the_whole_text_cut_at_the_first_stop(text, stops):
     tokenizer = byte_lm_tokenizer()
     stream = TextStream(tokenizer.decode, stops)
     out = "".join(stream.push(t) for t in tokenizer.encode(text, add_special_tokens=False)) + stream.finish()
-    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
-    assert out == (text[: min(cuts)] if cuts else text)
-    assert stream.stopped == bool(cuts)
+    # Generation stops when the first stop string completes ("é" in "aéb" before "aéb" does), cut where the
+    # stop strings found by then start.
+    ends = (text[:k] for k in range(1, len(text) + 1))
+    cut = next((min(p.find(s) for s in stops if s in p) for p in ends if any(s in p for s in stops)), None)
+    assert out == (text if cut is None else text[:cut])
+    assert stream.stopped == (cut is not None)
 
 
 def test_eos_stops_and_max_new_tokens_cuts(lm):
