@@ -35,6 +35,14 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True, purpose: s
         g.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass (default: 32)")
 
 
+def add_compile_arg(p, what: str = "decoding") -> None:
+    """`--compile`, for the commands whose models decode tokens (`p`: a parser or an argument group)."""
+    p.add_argument("--compile", action="store_true",
+                   help=f"{what} through torch.compile: the first steps wait for the compilation (seconds for a tiny "
+                        "model, a minute or more for a large one), later ones run faster (most with --dtype int8 "
+                        "on a CPU)")
+
+
 def model_from_args(args: argparse.Namespace):
     """The model the arguments name, named as the user typed it (what stores record, beside the fingerprint
     of its weights)."""

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rosetta.cli import add_model_args, model_from_args
+from rosetta.cli import add_compile_arg, add_model_args, model_from_args
 from rosetta.errors import RosettaError
 
 
@@ -24,9 +24,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="seed of the sampler: the same seed gives the same text")
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text; repeat for several")
     g.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid against this schema")
-    g.add_argument("--compile", action="store_true",
-                   help="decode through torch.compile: about a minute to start, then faster tokens (most with "
-                        "--dtype int8 on a CPU)")
+    add_compile_arg(g)
 
 
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:

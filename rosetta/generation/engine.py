@@ -66,8 +66,8 @@ def compiled_decoder(model: Decoder) -> Callable[..., torch.Tensor]:
     """
     forward = _COMPILED.get(type(model))
     if forward is None:
-        # Inductor's C++ toolchain probe warns "No CUDA runtime is found" on every CPU-only machine.
-        logging.getLogger("torch.utils.cpp_extension").addFilter(lambda r: "No CUDA runtime" not in r.getMessage())
+        if not _COMPILED:  # once: inductor's C++ toolchain probe warns "No CUDA runtime is found" on CPU machines
+            logging.getLogger("torch.utils.cpp_extension").addFilter(lambda r: "No CUDA runtime" not in r.getMessage())
         # Each model (its dtype, its int8 layers' handles) takes cache entries of its own; past dynamo's default
         # of 8 a second model would fall back to eager without a word.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

@@ -8,7 +8,7 @@ import signal
 import socket
 import sys
 
-from rosetta.cli import add_model_args, model_from_args
+from rosetta.cli import add_compile_arg, add_model_args, model_from_args
 from rosetta.errors import RosettaError
 
 
@@ -45,9 +45,7 @@ def register(sub) -> None:
                    help="the most tokens one completion may ask for (language models; default: 4096)")
     p.add_argument("--max-sequences", type=int, default=8,
                    help="sequences a language model decodes together (default: 8)")
-    p.add_argument("--compile", action="store_true",
-                   help="a language model decodes through torch.compile: its first requests wait about a minute "
-                        "for the compilation, later ones get their tokens faster (most with --dtype int8 on a CPU)")
+    add_compile_arg(p, "a language model's or a speech recogniser's decoding")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image URLs named in requests (off by default: a server that fetches any "
                         "URL it is sent can be turned against its own network)")

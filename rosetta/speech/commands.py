@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from rosetta.cli import add_model_args, fail, model_from_args
+from rosetta.cli import add_compile_arg, add_model_args, fail, model_from_args
 from rosetta.errors import RosettaError
 from rosetta.speech.formats import FORMATS
 
@@ -26,9 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--beam-size", type=int, default=1, help="1 is greedy (default: 1)")
     p.add_argument("--word-timestamps", action="store_true", help="time every word (JSON shows them)")
     p.add_argument("--vad", action="store_true", help="decode only where voice activity is detected")
-    p.add_argument("--compile", action="store_true",
-                   help="decode through torch.compile: a compilation first (seconds for tiny, a minute or more for "
-                        "large models), then faster windows (most with --dtype int8 on a CPU)")
+    add_compile_arg(p)
     p.add_argument("--initial-prompt", metavar="TEXT", help="text the first window continues (names, spelling)")
     p.add_argument("--no-condition-on-previous-text", dest="condition", action="store_false",
                    help="decode each window without the text before it (less drift, less context)")
@@ -65,8 +63,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         failures.append(audio)
 
     results = transcribe_many(model, files, batch_size=args.batch_size, vad=args.vad, compile=args.compile,
-                              on_error=report,
-                              progress=sys.stderr.isatty() or None, **options)
+                              on_error=report, progress=sys.stderr.isatty() or None, **options)
     formats = FORMATS if args.format == "all" else (args.format,)
     out = Path(args.out) if args.out else None
     if out is not None:

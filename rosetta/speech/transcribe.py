@@ -82,9 +82,9 @@ def transcribe_many(model, audios: Sequence[AudioInput], batch_size: int = 8, va
                     compile: bool = False, **options) -> list[Transcription | None]:
     """Transcriptions of several recordings, decoded together. Options are `DecodingOptions`' fields
     (language, task, beam_size, temperatures, word_timestamps, initial_prompt, ...); `vad` skips silence and
-    decodes the speech chunks independently; `compile` runs the decoder's steps through torch.compile (a
-    compilation on first use, kept on the model). A recording that cannot be read is None, and reported to
-    `on_error` (else the error is raised)."""
+    decodes the speech chunks independently; `compile` runs the decoder's steps through torch.compile (compiled
+    on first use, then reused: `rosetta.generation.engine.compiled_decoder`). A recording that cannot be read is
+    None, and reported to `on_error` (else the error is raised)."""
     decoding = DecodingOptions(**options)
     if decoding.task not in ("transcribe", "translate"):
         raise InputError(f"task: {decoding.task!r} is not 'transcribe' or 'translate'")

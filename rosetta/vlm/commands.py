@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rosetta.cli import add_model_args, fail, model_from_args
+from rosetta.cli import add_compile_arg, add_model_args, fail, model_from_args
 from rosetta.errors import InputError, RosettaError
 
 
@@ -47,8 +47,7 @@ def _add_common(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
                    help=f"most tokens to generate per answer (default: {max_new_tokens})")
     g.add_argument("--temperature", type=float, help="0 is greedy (default: the checkpoint's, else greedy)")
     g.add_argument("--seed", type=int, help="seed of the sampler")
-    g.add_argument("--compile", action="store_true",
-                   help="decode through torch.compile: about a minute to start, then faster tokens (local models)")
+    add_compile_arg(g, "decoding (local models)")
     add_model_args(p, batch_size=True)
     p.set_defaults(batch_size=8)
 
