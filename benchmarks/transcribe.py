@@ -8,6 +8,12 @@ pauses into one recording) are transcribed greedily by each — Rosetta in fp32 
 (`dtype="int8"`), also with its decode steps through torch.compile (`compile=True`, compiled in the warm-up
 run) — and it prints the real-time factor (seconds of computing per second of audio, the faster
 of two runs after a warm-up run) and the word error rate after Whisper's English normalisation, with the CPU.
+
+Every contender decodes with openai/whisper's defaults (conditioned on the previous text, temperature fallback
+on the compression-ratio, log-probability and no-speech thresholds); transformers is given them explicitly (its
+own long-form default does not condition on the previous text), so the transcripts can be compared word for word.
+faster-whisper runs last: once CTranslate2 has run in a process, torch's kernels there run up to twice as slowly
+(measured: transformers RTF 0.039 before, 0.074 after), which would flatter Rosetta against transformers.
 """
 
 from __future__ import annotations
@@ -84,19 +90,20 @@ def main() -> None:
                       "rosetta fp32+compile": lambda: ours.transcribe(audio, compile=True).text,
                       "rosetta int8": lambda: quantised.transcribe(audio).text,
                       "rosetta int8+compile": lambda: quantised.transcribe(audio, compile=True).text}
+        contenders["transformers fp32"] = transformers_transcriber(hf_dir, ours, audio)
         for compute_type in ("int8", "float32"):
             model = WhisperModel(str(weights), device="cpu", compute_type=compute_type, cpu_threads=args.threads)
             contenders[f"faster-whisper {compute_type}"] = (
                 lambda m=model: " ".join(s.text.strip() for s in m.transcribe(audio, beam_size=1, language="en")[0]))
-        contenders["transformers fp32"] = transformers_transcriber(hf_dir, ours, audio)
 
-        print(f"{'':24} {'RTF':>7} {'WER':>7}")
-        rtf = {}
+        print(f"{'':24} {'RTF':>7} {'WER':>7}  same words as rosetta fp32")
+        rtf, words = {}, {}
         for name, fn in contenders.items():
             with torch.inference_mode():
                 rtf[name], text = timed(fn, seconds)
-            wer = jiwer.wer(normalize(truth), normalize(text))
-            print(f"{name:24} {rtf[name]:>7.3f} {wer:>7.1%}", flush=True)
+            words[name] = normalize(text)
+            wer = jiwer.wer(normalize(truth), words[name])
+            print(f"{name:24} {rtf[name]:>7.3f} {wer:>7.1%}  {words[name] == words['rosetta fp32']}", flush=True)
     for mine in [name for name in rtf if name.startswith("rosetta")]:
         print(f"{mine}: x{rtf['faster-whisper int8'] / rtf[mine]:.2f} faster-whisper int8's speed, "
               f"x{rtf['faster-whisper float32'] / rtf[mine]:.2f} its float32's, "
@@ -104,7 +111,8 @@ def main() -> None:
 
 
 def transformers_transcriber(directory: Path, ours, audio: np.ndarray):
-    """transformers' long-form generate (timestamps on, as it requires for more than 30 s) on the same weights."""
+    """transformers' long-form generate (timestamps on, as it requires for more than 30 s) on the same weights,
+    with openai/whisper's decoding options, as the others use."""
     import transformers
 
     model = transformers.WhisperForConditionalGeneration.from_pretrained(directory).eval()
@@ -114,7 +122,9 @@ def transformers_transcriber(directory: Path, ours, audio: np.ndarray):
     def transcribe() -> str:
         inputs = extractor(audio, sampling_rate=16000, return_tensors="pt", truncation=False, padding="longest",
                            return_attention_mask=True)
-        ids = model.generate(inputs.input_features, attention_mask=inputs.attention_mask, return_timestamps=True)
+        ids = model.generate(inputs.input_features, attention_mask=inputs.attention_mask, return_timestamps=True,
+                             condition_on_prev_tokens=True, temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+                             compression_ratio_threshold=2.4, logprob_threshold=-1.0, no_speech_threshold=0.6)
         return ours.tokenizer.decode([i for i in ids[0].tolist() if i < eot])
 
     return transcribe

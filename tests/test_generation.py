@@ -7,6 +7,7 @@ stop strings are checked on text that splits characters and stop strings across 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jsonschema
@@ -132,6 +133,26 @@ def test_continuous_batching_a_late_request_joins_and_each_equals_alone(lm):
             engine.step()
     assert [first.tokens, second.tokens, third.tokens] == alone
     assert engine.cache.capacity > 8
+
+
+def test_a_probed_prompt_position_returns_the_logits_a_full_pass_gives_there(lm):
+    """Whisper's no-speech probability: the logits after a prompt position, read in the prefill itself, in a
+    batch whose prompts differ in length (left padding) and where one row probes nothing."""
+    prompts = [lm.tokenizer.encode(p) for p in ("a much longer first prompt", "short", "no probe")]
+    probes = [3, len(prompts[1]) - 1, None]
+    engine = Engine(lm, lm.tokenizer.decode, max_batch=3)
+    with torch.inference_mode():
+        rows = [engine.submit(dataclasses.replace(request(lm, p, 4), probe=q)) for p, q in zip(prompts, probes)]
+        while engine.busy:
+            engine.step()
+        for p, q, row in zip(prompts, probes, rows):
+            if q is None:
+                assert row.completion().probe_logits is None
+                continue
+            full = lm(torch.tensor([p]))[0, q].float()
+            torch.testing.assert_close(row.completion().probe_logits, full, rtol=1e-4, atol=1e-4)
+    with pytest.raises(rosetta.InputError, match="probe"):
+        engine.submit(dataclasses.replace(request(lm, prompts[1], 4), probe=len(prompts[1])))
 
 
 def test_a_cancelled_sequence_stops_and_frees_its_row(lm):

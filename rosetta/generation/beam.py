@@ -31,7 +31,7 @@ def beam_search(model: Decoder, prompt: list[int], *, num_beams: int, max_new_to
     first = torch.zeros(num_beams, dtype=torch.long)
     window = cache.window(slice(0, 1), 0, length, first[:1])
     ids = torch.tensor([prompt], device=device)
-    logits = model(ids, positions=torch.arange(length, device=device)[None], window=window, last_only=True)
+    logits = model(ids, positions=torch.arange(length, device=device)[None], window=window, last=1)[:, -1]
     cache.reorder(torch.zeros(num_beams, dtype=torch.long, device=device), slice(0, length))
     logits = logits.expand(num_beams, -1)
 
@@ -71,7 +71,7 @@ def beam_search(model: Decoder, prompt: list[int], *, num_beams: int, max_new_to
         ids = torch.tensor([[r[-1]] for r in running], device=device)
         positions = torch.full((num_beams, 1), length + step, device=device)
         window = cache.window(slice(0, num_beams), length + step, 1, first)
-        logits = model(ids, positions=positions, window=window, last_only=True)
+        logits = model(ids, positions=positions, window=window, last=1)[:, -1]
 
     score, tokens, by_eos = finished[0]
     if by_eos:

@@ -41,7 +41,8 @@ class Decoder(Protocol):
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor: ...
 
     def __call__(self, ids: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
-                 positions: torch.Tensor, window: CacheWindow, last_only: bool = False) -> torch.Tensor: ...
+                 positions: torch.Tensor, window: CacheWindow, last: int | None = None) -> torch.Tensor: ...
+    # -> logits [B, L, V], or [B, last, V] of the last positions only
 
     # An encoder-decoder also has `bind(cache, rows, contexts)`: write the cross-attention keys and values of
     # each admitted row's context (its encoder output) into the cache.
@@ -89,6 +90,9 @@ class Request:
     prompt_embeds: torch.Tensor | None = None  # [len(prompt), width]: the prompt as embeddings (images spliced in)
     context: torch.Tensor | None = None  # what an encoder-decoder's cross-attention reads (Whisper: audio states)
     logprobs: bool = False  # record each chosen token's log-probability (after the processors, at temperature 1)
+    # A prompt position whose next-token logits, as the model gives them, the completion returns too: Whisper's
+    # no-speech probability is read after its start-of-transcript token, which need not end the prompt.
+    probe: int | None = None
 
 
 @dataclass
@@ -100,6 +104,7 @@ class Completion:
     seconds_to_first_token: float | None
     logprobs: list[float] = field(default_factory=list)  # of each token, when the request asked for them
     score: float | None = None  # beam search: the hypothesis' log-probability over length ** length_penalty
+    probe_logits: torch.Tensor | None = None  # [V] float, after the request's `probe` position
 
 
 class Generation:
@@ -117,6 +122,7 @@ class Generation:
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
         self.position = len(request.prompt)  # of the next token
+        self.probe_logits: torch.Tensor | None = None
 
     @property
     def finished(self) -> bool:
@@ -129,7 +135,7 @@ class Generation:
     def completion(self) -> Completion:
         ttft = None if self.first_token_at is None else self.first_token_at - self.submitted
         return Completion(self.stream.text, list(self.tokens), self.finish_reason or "cancelled",
-                          len(self.request.prompt), ttft, list(self.logprobs))
+                          len(self.request.prompt), ttft, list(self.logprobs), probe_logits=self.probe_logits)
 
 
 @dataclass
@@ -165,6 +171,8 @@ class Engine:
                              "(shorten it, or ask for truncation)")
         if request.max_new_tokens < 1:
             raise InputError("max_new_tokens must be at least 1")
+        if request.probe is not None and not 0 <= request.probe < len(request.prompt):
+            raise InputError(f"probe: position {request.probe} is not in the {len(request.prompt)}-token prompt")
         sequence = Generation(request, self.decode, self.model.device)
         self.waiting.append(sequence)
         return sequence
@@ -230,10 +238,16 @@ class Engine:
             for i, s in enumerate(group):
                 if s.request.prompt_embeds is not None:
                     embeds[i, longest - len(s.request.prompt) :] = s.request.prompt_embeds.to(embeds)
+        # The last positions' logits: the next token's, and those of any probed position before it.
+        tails = [len(s.request.prompt) - s.request.probe for s in group if s.request.probe is not None]
+        last = max([1, *tails])
         logits = self.model(None if embeds is not None else ids.to(device), embeds=embeds,
-                            positions=positions.to(device), window=window, last_only=True)
+                            positions=positions.to(device), window=window, last=last)
+        for i, s in enumerate(group):
+            if s.request.probe is not None:
+                s.probe_logits = logits[i, last - len(s.request.prompt) + s.request.probe].float().clone()
         self.rows.extend(group)
-        return self._choose(list(range(n, n + m)), logits)
+        return self._choose(list(range(n, n + m)), logits[:, -1])
 
     # Decoding: one token for every running row
 
@@ -245,13 +259,13 @@ class Engine:
         positions = torch.tensor([[s.position - 1] for s in self.rows], device=device)
         window = self.cache.window(slice(0, n), self.column, 1, self.first[:n])
         try:
-            logits = self.decoder(ids, positions=positions, window=window, last_only=True)
+            logits = self.decoder(ids, positions=positions, window=window, last=1)[:, -1]
         except Exception as e:  # noqa: BLE001 - a compiler failure (no C++ toolchain...): decode eagerly instead
             if self.decoder is self.model:
                 raise
             log.warning("compiled decoding failed (%s: %s); decoding without compiling", type(e).__name__, e)
             self.decoder = self.model
-            logits = self.model(ids, positions=positions, window=window, last_only=True)
+            logits = self.model(ids, positions=positions, window=window, last=1)[:, -1]
         self.column += 1
         return self._choose(list(range(n)), logits)
 

@@ -213,14 +213,14 @@ class WhisperModel(nn.Module):
             cache.context_values[layer][rows] = v
 
     def forward(self, ids: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
-                positions: torch.Tensor, window: CacheWindow, last_only: bool = False,
+                positions: torch.Tensor, window: CacheWindow, last: int | None = None,
                 scores: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Logits [B, L, V] (or [B, V] of the last position) of tokens [B, L] at their positions."""
+        """Logits [B, L, V] of tokens [B, L] at their positions (of the `last` positions only, when given)."""
         x = (self.embed(ids) if embeds is None else embeds.to(self.dtype)) + self.pos_embed[positions]
         for layer, block in enumerate(self.blocks):
             x = block(x, window, layer, scores)
-        if last_only:
-            x = x[:, -1]
+        if last is not None:
+            x = x[:, -last:]
         x = self.norm(x)
         return self.int8_head(x) if self.int8_head is not None else fast_linear(x, self.embed.weight)
 

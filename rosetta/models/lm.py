@@ -161,8 +161,9 @@ class CausalLM(nn.Module):
 
     def forward(self, ids: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, window: CacheWindow | None = None,
-                attention_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
-        """Logits [B, L, V] (or [B, V] of the last position) of token ids [B, L] or input embeddings [B, L, D].
+                attention_mask: torch.Tensor | None = None, last: int | None = None) -> torch.Tensor:
+        """Logits [B, L, V] of token ids [B, L] or input embeddings [B, L, D] (of the `last` positions only, when
+        given: the next-token logits of a generation step, without projecting the rest).
 
         Without a cache window the whole sequence is attended causally; `attention_mask` [B, L] (1 for real
         tokens, 0 for left padding) masks padding and sets the positions, as in transformers.
@@ -180,8 +181,8 @@ class CausalLM(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, window, layer, use_reentrant=False)
             else:
                 x = block(x, rope, window, layer)
-        if last_only:
-            x = x[:, -1]
+        if last is not None:
+            x = x[:, -last:]
         x = self.norm(x)
         if self.int8_head is not None:
             return self.int8_head(x)

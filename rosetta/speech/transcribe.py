@@ -329,7 +329,7 @@ class _Decoder:
 
     def _decode(self, windows: list[_Window]) -> list[WindowResult]:
         """Each window decoded, falling back to higher temperatures where the text is repetitive or unlikely."""
-        no_speech = self._no_speech(windows)
+        no_speech: dict[int, float] = {}  # each window's, from its first pass (the prompt is the same in each)
         results: list[WindowResult | None] = [None] * len(windows)
         candidates: list[list[WindowResult]] = [[] for _ in windows]
         todo = list(range(len(windows)))
@@ -339,7 +339,7 @@ class _Decoder:
             decoded = self._at_temperature([windows[i] for i in todo], temperature)
             still = []
             for i, result in zip(todo, decoded):
-                result.no_speech_prob = no_speech[i]
+                result.no_speech_prob = no_speech.setdefault(i, result.no_speech_prob)
                 candidates[i].append(result)
                 if needs_fallback(result, self.options):
                     still.append(i)
@@ -369,15 +369,16 @@ class _Decoder:
                 request = Request(prompt=w.prompt, max_new_tokens=self.model.context_length - len(w.prompt),
                                   sampling=SamplingParams(temperature=temperature),
                                   stop_ids=frozenset({self.tokens.eot}), seed=seed, processors=(rules,),
-                                  context=w.states, logprobs=True)
+                                  context=w.states, logprobs=True, probe=w.sot_index if k == 0 else None)
                 sequences.append(self.engine.submit(request))
         while self.engine.busy:
             self.engine.step()
         out = []
         for n in range(len(windows)):
             group = [s.completion() for s in sequences[n * samples : (n + 1) * samples]]
-            out.append(max((self._result(c.tokens, c.logprobs, temperature) for c in group),
-                           key=lambda r: r.avg_logprob))
+            best = max((self._result(c.tokens, c.logprobs, temperature) for c in group), key=lambda r: r.avg_logprob)
+            best.no_speech_prob = self._no_speech_prob(group[0].probe_logits)
+            out.append(best)
         return out
 
     def _beam(self, w: _Window) -> WindowResult:
@@ -391,6 +392,8 @@ class _Decoder:
                                  stop_ids=frozenset({self.tokens.eot}), length_penalty=o.length_penalty,
                                  processors=(rules,), context=w.states)
         result = self._result(completion.tokens, [], 0.0)
+        ids = torch.tensor([w.prompt[: w.sot_index + 1]])  # beam search has its own prefill: one more pass
+        result.no_speech_prob = self._no_speech_prob(self.model.decoder_logits(ids, w.states[None])[0, -1])
         generated = len(completion.tokens) + (completion.finish_reason == "stop")  # with end-of-text
         result.avg_logprob = completion.score * generated**o.length_penalty / (len(completion.tokens) + 1)
         return result
@@ -400,14 +403,9 @@ class _Decoder:
         avg = sum(logprobs) / (len(tokens) + 1)
         return WindowResult(tokens, avg, compression_ratio(text), 0.0, temperature, text)
 
-    def _no_speech(self, windows: list[_Window]) -> list[float]:
-        """The probability of <|nospeech|> right after each window's start-of-transcript token."""
-        out = []
-        for w in windows:
-            ids = torch.tensor([w.prompt[: w.sot_index + 1]])
-            logits = self.model.decoder_logits(ids, w.states[None])[0, -1].float()
-            out.append(float(logits.softmax(dim=-1)[self.tokens.no_speech]))
-        return out
+    def _no_speech_prob(self, logits: torch.Tensor) -> float:
+        """The probability of <|nospeech|> from the logits after a window's start-of-transcript token."""
+        return float(logits.float().softmax(dim=-1)[self.tokens.no_speech])
 
 
 def format_timestamp(seconds: float, always_hours: bool = False, decimal: str = ".") -> str:
