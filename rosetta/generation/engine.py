@@ -245,6 +245,7 @@ class Engine:
                             positions=positions.to(device), window=window, last=last)
         for i, s in enumerate(group):
             if s.request.probe is not None:
+                # a copy: the row may be the next token's, which the processors then edit in place
                 s.probe_logits = logits[i, last - len(s.request.prompt) + s.request.probe].float().clone()
         self.rows.extend(group)
         return self._choose(list(range(n, n + m)), logits[:, -1])

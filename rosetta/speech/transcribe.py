@@ -329,7 +329,6 @@ class _Decoder:
 
     def _decode(self, windows: list[_Window]) -> list[WindowResult]:
         """Each window decoded, falling back to higher temperatures where the text is repetitive or unlikely."""
-        no_speech: dict[int, float] = {}  # each window's, from its first pass (the prompt is the same in each)
         results: list[WindowResult | None] = [None] * len(windows)
         candidates: list[list[WindowResult]] = [[] for _ in windows]
         todo = list(range(len(windows)))
@@ -339,7 +338,6 @@ class _Decoder:
             decoded = self._at_temperature([windows[i] for i in todo], temperature)
             still = []
             for i, result in zip(todo, decoded):
-                result.no_speech_prob = no_speech.setdefault(i, result.no_speech_prob)
                 candidates[i].append(result)
                 if needs_fallback(result, self.options):
                     still.append(i)
