@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 from conftest import AUDIO_TOWER, VIDEO_TOWER, hearing_model, write_video
 from safetensors.torch import load_file
 from test_train import assert_same_weights, losses, torchrun
@@ -201,6 +202,31 @@ def test_videos_are_frames_pooled_and_their_sound_is_heard(data, hearing, tmp_pa
     assert torch.allclose(hearing.embed_videos(video)[0], plain.embed_videos(video)[0], atol=1e-6)  # silent
 
 
+def test_a_video_tower_reading_patches_embeds_alike_in_training_search_and_segments(tmp_path):
+    """A temporal tower that reads each frame's patch tokens (where a shape is, which a pooled frame vector of a
+    position-blind image tower loses): the same vectors from the training path (encode_video on pixels), from
+    embed_videos and from each window of embed_video_segments; and the patches do change them."""
+    from rosetta.modalities.video import sample_frames, timed_frames
+    from rosetta.train.trainer import with_towers
+
+    torch.manual_seed(0)
+    model = with_towers(rosetta.create("tiny"), {"video": {**VIDEO, "patches": True}}).eval()
+    torch.nn.init.normal_(model.video.proj.weight, std=0.2)  # a trained tower's residual, not the mean it starts as
+    video = fade(tmp_path / "clip.mp4", 1, seconds=4.0)
+    frames = sample_frames(video, VIDEO["fps"], VIDEO["max_frames"])
+    with torch.inference_mode():
+        trained_path = F.normalize(model.encode_video(model.preprocess(frames)[None]), dim=-1)[0]
+        assert torch.allclose(model.embed_videos(video)[0], trained_path, atol=1e-5)
+        segments = model.embed_video_segments(video)  # windows of max_frames / fps = 2 s
+        assert [(s, e) for s, e, _ in segments] == [(0.0, 2.0), (2.0, 4.0)]
+        first = [f for t, f in timed_frames(video, VIDEO["fps"], max_frames=None) if t < 2.0]
+        window = F.normalize(model.encode_video(model.preprocess(first)[None]), dim=-1)[0]
+        assert torch.allclose(segments[0][2], window, atol=1e-5)
+        vectors, patches = model._frame_features(frames)
+        blind = model._pool_frames(vectors, torch.zeros_like(patches))
+    assert not torch.allclose(blind, trained_path, atol=1e-3)
+
+
 def test_a_videos_sound_is_read_window_by_window_with_the_vectors_of_the_whole_track(tmp_path, monkeypatch):
     """The windows' sound streams (in blocks narrower than a window, here) and each window's vector is what
     cutting it from the whole decoded track gives: the frames' pooled vector plus that slice's embedding."""
@@ -299,7 +325,7 @@ def test_the_bind_quickstart_runs_end_to_end(tmp_path):
     assert {"audio_to_text_recall@1", "video_to_text_recall@1", "audio_to_image_top1", "video_to_image_top1"} <= set(
         metrics)
     model = rosetta.load(out / "bind" / "model")
-    assert model.config.audio.seconds == 4.0 and model.config.video.layers == 2  # the recipe's towers
+    assert model.config.audio.seconds == 4.0 and model.config.video.layers == 2 and model.config.video.patches
     clip = next((out / "data" / "audio" / "test").glob("*.wav"))
     assert model.classify(clip, ["red circle", "blue square"]).shape == (1, 2)
 

@@ -126,11 +126,14 @@ class AudioConfig:
 class VideoConfig:
     """A video is frames sampled at `fps` (at most `max_frames`), each through the image tower; the frame
     embeddings are pooled by their mean (`layers=0`) or by a small temporal transformer, which can tell a shape
-    moving left from one moving right as a mean cannot."""
+    moving left from one moving right as a mean cannot. With `patches`, the transformer also reads each frame's
+    patch tokens (the image tower's last hidden states): an image tower trained on captions that seldom say where
+    things are pools position away, and motion is position changing over time."""
 
     fps: float = 1.0
     max_frames: int = 8
     layers: int = 2  # 0: the mean of the frame embeddings, nothing to train
+    patches: bool = False
     heads: int = 4
     mlp_ratio: int = 4
 

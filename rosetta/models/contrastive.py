@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -62,7 +63,8 @@ class ContrastiveModel(nn.Module):
         audio = config.audio
         self.audio = AudioTransformer(audio) if audio else None
         self.audio_proj = nn.Linear(audio.width, config.embed_dim, bias=False) if audio else None
-        self.video = TemporalPool(config.video, config.embed_dim) if config.video and config.video.layers else None
+        self.video = (TemporalPool(config.video, config.embed_dim, config.vision.width)
+                      if config.video and config.video.layers else None)
         self.bound_logit_scale = nn.ParameterDict({
             m: nn.Parameter(torch.full((1,), math.log(1 / 0.07))) for m in self.bound_modalities
         })
@@ -137,10 +139,15 @@ class ContrastiveModel(nn.Module):
 
     def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
         """Frame pixels [N, T, 3, H, W] to unnormalised video features [N, D]: each frame through the image
-        tower, normalised, then pooled over time."""
+        tower, normalised, then pooled over time (reading the frames' patch tokens too where the config says)."""
         n, t = frames.shape[:2]
-        per_frame = F.normalize(self.encode_image(frames.flatten(0, 1)), dim=-1).view(n, t, -1)
-        return self.video(per_frame) if self.video is not None else per_frame.mean(dim=1)
+        if self.video is None or not self.video.cfg.patches:
+            per_frame = F.normalize(self.encode_image(frames.flatten(0, 1)), dim=-1).view(n, t, -1)
+            return self.video(per_frame) if self.video is not None else per_frame.mean(dim=1)
+        tokens = self.vision.tokens(frames.flatten(0, 1))  # once for both: the pooled frame and its patches
+        per_frame = F.normalize(self.vision_proj(self.vision.pooled(tokens)), dim=-1).view(n, t, -1)
+        patches = tokens[:, int(self.config.vision.class_token):]
+        return self.video(per_frame, patches.reshape(n, t, *patches.shape[1:]))
 
     def encode(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
         """The tower of `modality` ("image", "text", "audio" or "video") on its input tensor."""
@@ -313,7 +320,7 @@ class ContrastiveModel(nn.Module):
         for video in tqdm(videos, desc="videos", unit="video", disable=not (progress or len(videos) > 8) or None,
                           leave=False):
             frames = sample_frames(video, cfg.fps, cfg.max_frames)
-            vector = self._pool_frames(self.embed_images(frames, batch_size=len(frames), progress=False))
+            vector = self._pool_frames(*self._frame_features(frames))
             out.append(self._with_sound(vector, self._sound(video)))
         return torch.stack(out) if out else self._empty()
 
@@ -327,38 +334,54 @@ class ContrastiveModel(nn.Module):
         window = window or cfg.max_frames / cfg.fps
         if window <= 0:
             raise InputError(f"window {window}: must be positive seconds")
-        times: list[float] = []
-        vectors: list[torch.Tensor] = []
-        pending: list[Image.Image] = []
-        for time, frame in timed_frames(video, cfg.fps, max_frames=None):
-            times.append(time)
-            pending.append(frame)
-            if len(pending) == 32:
-                vectors.append(self.embed_images(pending, progress=False))
-                pending = []
-        if pending:
-            vectors.append(self.embed_images(pending, progress=False))
-        frame_vectors = torch.cat(vectors)
-        end_of_video = times[-1] + 1 / cfg.fps
-        index = torch.tensor([int(t // window) for t in times])
+        timed = timed_frames(video, cfg.fps, max_frames=None)
+        first = next(timed)  # a video that does not decode says so here, before its sound track is opened
         spans = self._sound_spans(video)
         rate = self.config.audio.sample_rate if spans is not None else 0
-        rows = []
-        for k in index.unique().tolist():  # ascending: each window's sound is read after the one before
-            start, end = k * window, min((k + 1) * window, end_of_video)
-            vector = self._pool_frames(frame_vectors[index == k])
+        rows: list[tuple[float, float, torch.Tensor]] = []
+
+        def pool(k: int, frames: list[Image.Image], end: float) -> None:
+            # Windows come in ascending order: each one's sound is read after the one before.
+            start = k * window
             sound = spans(int(start * rate), int(end * rate)) if spans is not None else None
-            rows.append((start, end, self._with_sound(vector, sound)))
+            rows.append((start, end, self._with_sound(self._pool_frames(*self._frame_features(frames)), sound)))
+
+        pending: list[Image.Image] = []
+        current, last = 0, 0.0
+        for time, frame in itertools.chain([first], timed):
+            k = int(time // window)
+            if pending and k != current:
+                pool(current, pending, (current + 1) * window)
+                pending = []
+            current, last = k, time
+            pending.append(frame)
+        if pending:
+            pool(current, pending, min((current + 1) * window, last + 1 / cfg.fps))
         return rows
 
-    def _pool_frames(self, frame_vectors: torch.Tensor) -> torch.Tensor:
-        """One video vector from its normalised frame vectors [T, D]; more frames than the temporal tower
-        has positions for are thinned evenly."""
+    def _frame_features(self, frames: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised frame vectors [T, D] and, for a video tower that reads them, the frames' patch tokens
+        [T, P, width] (else None)."""
+        if self.video is None or not self.video.cfg.patches:
+            return self.embed_images(frames, progress=False), None
+        vectors, patches = [], []
+        for batch in _batches(frames, 32, False, "frames"):
+            tokens = self.vision.tokens(self.preprocess(batch).to(self.device, self.dtype))
+            vectors.append(F.normalize(self.vision_proj(self.vision.pooled(tokens)).float(), dim=-1))
+            patches.append(tokens[:, int(self.config.vision.class_token):])
+        return torch.cat(vectors), torch.cat(patches)
+
+    def _pool_frames(self, frame_vectors: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
+        """One video vector from its normalised frame vectors [T, D] (and their patch tokens [T, P, width] for a
+        tower that reads them); more frames than the temporal tower has positions for are thinned evenly."""
         limit = self.video_config.max_frames
         if self.video is not None and len(frame_vectors) > limit:
-            frame_vectors = frame_vectors[torch.linspace(0, len(frame_vectors) - 1, limit).round().long()]
-        pooled = self.video(frame_vectors[None].to(self.dtype))[0] if self.video is not None else frame_vectors.mean(0)
-        return F.normalize(pooled.float(), dim=-1)
+            keep = torch.linspace(0, len(frame_vectors) - 1, limit).round().long()
+            frame_vectors, patches = frame_vectors[keep], patches[keep] if patches is not None else None
+        if self.video is None:
+            return F.normalize(frame_vectors.mean(0), dim=-1)
+        patches = patches[None] if patches is not None else None
+        return F.normalize(self.video(frame_vectors[None].to(self.dtype), patches)[0].float(), dim=-1)
 
     def _sound(self, video: VideoInput) -> torch.Tensor | None:
         """A video's audio track at the audio tower's rate, or None (no audio tower, or a silent video)."""

@@ -120,10 +120,15 @@ class VisionTransformer(nn.Module):
         if self.cfg.pool == "cls":
             x = self._embed(pixels)
             return self.norm(self.transformer(x, rows=torch.zeros(len(x), dtype=torch.long, device=x.device)))[:, 0]
-        x = self.tokens(pixels)
+        return self.pooled(self.tokens(pixels))
+
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The pooled vector [N, width] of `tokens`' hidden states [N, T, width], as `forward` pools them."""
+        if self.cfg.pool == "cls":
+            return tokens[:, 0]
         if self.cfg.pool == "mean":
-            return x[:, int(self.cfg.class_token):].mean(dim=1)
-        return self.pool(x)
+            return tokens[:, int(self.cfg.class_token):].mean(dim=1)
+        return self.pool(tokens)
 
 
 class TextTransformer(nn.Module):
@@ -193,9 +198,11 @@ class TemporalPool(nn.Module):
 
     The transformer starts as the mean: its output is the mean frame plus a residual read from a class token,
     and that residual's projection starts at zero, so a freshly added video tower embeds as the image tower does.
+    With `cfg.patches`, each frame's patch tokens [N, T, P, patch_width] join the sequence, projected to `dim` and
+    marked with their frame's position (their place in the frame they carry from the image tower).
     """
 
-    def __init__(self, cfg: VideoConfig, dim: int):
+    def __init__(self, cfg: VideoConfig, dim: int, patch_width: int | None = None):
         super().__init__()
         self.cfg = cfg
         if cfg.layers:
@@ -204,13 +211,20 @@ class TemporalPool(nn.Module):
             self.transformer = Transformer(dim, cfg.layers, cfg.heads, cfg.mlp_ratio * dim, "gelu", 1e-5)
             self.norm = nn.LayerNorm(dim)
             self.proj = nn.Linear(dim, dim, bias=False)
+            if cfg.patches:
+                if patch_width is None:
+                    raise ValueError("a video tower reading patches needs the image tower's width")
+                self.patch_proj = nn.Linear(patch_width, dim)
 
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+    def forward(self, frames: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
         mean = frames.mean(dim=1)
         if not self.cfg.layers:
             return mean
-        x = torch.cat([self.cls_token.expand(frames.shape[0], 1, -1), frames + self.pos_embed[: frames.shape[1]]], 1)
-        return mean + self.proj(self.norm(self.transformer(x))[:, 0])
+        when = self.pos_embed[: frames.shape[1]]
+        parts = [self.cls_token.expand(frames.shape[0], 1, -1), frames + when]
+        if self.cfg.patches:
+            parts.append((self.patch_proj(patches) + when[:, None]).flatten(1, 2))
+        return mean + self.proj(self.norm(self.transformer(torch.cat(parts, 1)))[:, 0])
 
 
 def resize_position_embedding(pos_embed: torch.Tensor, class_token: bool, grid: int) -> torch.Tensor:

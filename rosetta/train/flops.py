@@ -60,7 +60,10 @@ def modality_flops(config: ContrastiveConfig, modality: str) -> tuple[float, flo
         tokens = 1 + rows * columns
         return stem + _transformer_flops(tokens, a.width, a.layers, a.mlp_dim) + 2 * a.width * config.embed_dim, 0.0
     video, dim = config.video or VideoConfig(layers=0), config.embed_dim
-    temporal = _transformer_flops(1 + video.max_frames, dim, video.layers, video.mlp_ratio * dim) + 2 * dim * dim
+    patches = config.vision.num_patches if video.patches else 0  # each frame's, projected into the sequence
+    tokens = 1 + video.max_frames * (1 + patches)
+    temporal = (_transformer_flops(tokens, dim, video.layers, video.mlp_ratio * dim) + 2 * dim * dim
+                + video.max_frames * patches * 2 * config.vision.width * dim)
     return temporal * bool(video.layers), video.max_frames * vision
 
 
