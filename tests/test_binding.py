@@ -224,6 +224,11 @@ def test_a_video_tower_reading_patches_embeds_alike_in_training_search_and_segme
         assert torch.allclose(segments[0][2], window, atol=1e-5)
         vectors, patches = model._frame_features(frames)
         blind = model._pool_frames(vectors, torch.zeros_like(patches))
+        # A window of more frames than one batch of the image tower (32) is embedded in pieces, then thinned.
+        long = fade(tmp_path / "long.mp4", 1, seconds=20.0)
+        (_, _, whole), = model.embed_video_segments(long, window=20.0)
+        every = [f for _, f in timed_frames(long, VIDEO["fps"], max_frames=None)]
+        assert len(every) > 32 and torch.allclose(whole, model._pool_frames(*model._frame_features(every)), atol=1e-5)
     assert not torch.allclose(blind, trained_path, atol=1e-3)
 
 

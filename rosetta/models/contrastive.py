@@ -141,13 +141,19 @@ class ContrastiveModel(nn.Module):
         """Frame pixels [N, T, 3, H, W] to unnormalised video features [N, D]: each frame through the image
         tower, normalised, then pooled over time (reading the frames' patch tokens too where the config says)."""
         n, t = frames.shape[:2]
+        vectors, patches = self.frame_features(frames.flatten(0, 1))
+        per_frame = F.normalize(vectors, dim=-1).view(n, t, -1)
+        if self.video is None:
+            return per_frame.mean(dim=1)
+        return self.video(per_frame, patches.view(n, t, *patches.shape[1:]) if patches is not None else None)
+
+    def frame_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Frame pixels [N, 3, H, W] to their unnormalised image features [N, D] and, for a video tower that
+        reads them, their patch tokens [N, P, width] (else None), from one pass of the image tower."""
         if self.video is None or not self.video.cfg.patches:
-            per_frame = F.normalize(self.encode_image(frames.flatten(0, 1)), dim=-1).view(n, t, -1)
-            return self.video(per_frame) if self.video is not None else per_frame.mean(dim=1)
-        tokens = self.vision.tokens(frames.flatten(0, 1))  # once for both: the pooled frame and its patches
-        per_frame = F.normalize(self.vision_proj(self.vision.pooled(tokens)), dim=-1).view(n, t, -1)
-        patches = tokens[:, int(self.config.vision.class_token):]
-        return self.video(per_frame, patches.reshape(n, t, *patches.shape[1:]))
+            return self.encode_image(pixels), None
+        tokens = self.vision.tokens(pixels)
+        return self.vision_proj(self.vision.pooled(tokens)), tokens[:, int(self.config.vision.class_token):]
 
     def encode(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
         """The tower of `modality` ("image", "text", "audio" or "video") on its input tensor."""
@@ -329,47 +335,55 @@ class ContrastiveModel(nn.Module):
                              ) -> list[tuple[float, float, torch.Tensor]]:
         """(start s, end s, embedding [D]) of consecutive windows of a video (default: `max_frames` frames at
         the config's rate): for finding the moment something happens. Frames and sound stream: a long video is
-        never held in memory, only one embedding per frame and the sound of about one window."""
+        never held in memory, only one window's frame embeddings (and patch tokens, for a video tower that
+        reads them) and the sound of about one window."""
         cfg = self.video_config
         window = window or cfg.max_frames / cfg.fps
         if window <= 0:
             raise InputError(f"window {window}: must be positive seconds")
         timed = timed_frames(video, cfg.fps, max_frames=None)
-        first = next(timed)  # a video that does not decode says so here, before its sound track is opened
+        first = next(timed)  # a video whose first frame does not decode says so before its sound track is opened
         spans = self._sound_spans(video)
         rate = self.config.audio.sample_rate if spans is not None else 0
         rows: list[tuple[float, float, torch.Tensor]] = []
+        pending: list[Image.Image] = []  # decoded frames, embedded 32 at a time
+        embedded: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # the window's frames so far
 
-        def pool(k: int, frames: list[Image.Image], end: float) -> None:
-            # Windows come in ascending order: each one's sound is read after the one before.
+        def embed_pending() -> None:
+            if pending:
+                embedded.append(self._frame_features(pending))
+                pending.clear()
+
+        def pool(k: int, end: float) -> None:
+            # Windows come in ascending order (frame times only go up): each one's sound is read after the last.
+            embed_pending()
+            vectors = torch.cat([v for v, _ in embedded])
+            patches = torch.cat([p for _, p in embedded]) if embedded[0][1] is not None else None
+            embedded.clear()
             start = k * window
             sound = spans(int(start * rate), int(end * rate)) if spans is not None else None
-            rows.append((start, end, self._with_sound(self._pool_frames(*self._frame_features(frames)), sound)))
+            rows.append((start, end, self._with_sound(self._pool_frames(vectors, patches), sound)))
 
-        pending: list[Image.Image] = []
         current, last = 0, 0.0
         for time, frame in itertools.chain([first], timed):
             k = int(time // window)
-            if pending and k != current:
-                pool(current, pending, (current + 1) * window)
-                pending = []
+            if (pending or embedded) and k != current:
+                pool(current, (current + 1) * window)
             current, last = k, time
             pending.append(frame)
-        if pending:
-            pool(current, pending, min((current + 1) * window, last + 1 / cfg.fps))
+            if len(pending) == 32:
+                embed_pending()
+        pool(current, min((current + 1) * window, last + 1 / cfg.fps))
         return rows
 
     def _frame_features(self, frames: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Normalised frame vectors [T, D] and, for a video tower that reads them, the frames' patch tokens
-        [T, P, width] (else None)."""
-        if self.video is None or not self.video.cfg.patches:
-            return self.embed_images(frames, progress=False), None
+        """`frame_features` of decoded frames, 32 at a time: vectors L2-normalised in float32 [T, D]."""
         vectors, patches = [], []
         for batch in _batches(frames, 32, False, "frames"):
-            tokens = self.vision.tokens(self.preprocess(batch).to(self.device, self.dtype))
-            vectors.append(F.normalize(self.vision_proj(self.vision.pooled(tokens)).float(), dim=-1))
-            patches.append(tokens[:, int(self.config.vision.class_token):])
-        return torch.cat(vectors), torch.cat(patches)
+            vector, patch = self.frame_features(self.preprocess(batch).to(self.device, self.dtype))
+            vectors.append(F.normalize(vector.float(), dim=-1))
+            patches.append(patch)
+        return torch.cat(vectors), torch.cat(patches) if patches[0] is not None else None
 
     def _pool_frames(self, frame_vectors: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
         """One video vector from its normalised frame vectors [T, D] (and their patch tokens [T, P, width] for a
@@ -377,7 +391,8 @@ class ContrastiveModel(nn.Module):
         limit = self.video_config.max_frames
         if self.video is not None and len(frame_vectors) > limit:
             keep = torch.linspace(0, len(frame_vectors) - 1, limit).round().long()
-            frame_vectors, patches = frame_vectors[keep], patches[keep] if patches is not None else None
+            frame_vectors = frame_vectors[keep]
+            patches = patches[keep] if patches is not None else None
         if self.video is None:
             return F.normalize(frame_vectors.mean(0), dim=-1)
         patches = patches[None] if patches is not None else None

@@ -223,6 +223,8 @@ class TemporalPool(nn.Module):
         when = self.pos_embed[: frames.shape[1]]
         parts = [self.cls_token.expand(frames.shape[0], 1, -1), frames + when]
         if self.cfg.patches:
+            if patches is None:
+                raise ValueError("this video tower reads the frames' patch tokens: pass them")
             parts.append((self.patch_proj(patches) + when[:, None]).flatten(1, 2))
         return mean + self.proj(self.norm(self.transformer(torch.cat(parts, 1)))[:, 0])
 
