@@ -134,12 +134,12 @@ class VideoConfig:
     max_frames: int = 8
     layers: int = 2  # 0: the mean of the frame embeddings, nothing to train
     patches: bool = False
+    heads: int = 4
+    mlp_ratio: int = 4
 
     def __post_init__(self):
         if self.patches and not self.layers:
             raise ValueError("video patches: true needs a temporal transformer (layers > 0) to read them")
-    heads: int = 4
-    mlp_ratio: int = 4
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,12 @@ def _batches(items: Sequence[T], size: int, progress: bool | None, desc: str) ->
         yield items[start : start + size]
 
 
+def _joined(chunks: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(frame vectors, patch tokens or None) of consecutive chunks of frames, concatenated."""
+    vectors, patches = zip(*chunks)
+    return torch.cat(vectors), torch.cat(patches) if patches[0] is not None else None
+
+
 class ContrastiveModel(nn.Module):
     def __init__(self, config: ContrastiveConfig, tokenizer: TextTokenizer | None = None):
         super().__init__()
@@ -357,12 +363,11 @@ class ContrastiveModel(nn.Module):
         def pool(k: int, end: float) -> None:
             # Windows come in ascending order (frame times only go up): each one's sound is read after the last.
             embed_pending()
-            vectors = torch.cat([v for v, _ in embedded])
-            patches = torch.cat([p for _, p in embedded]) if embedded[0][1] is not None else None
+            features = _joined(embedded)
             embedded.clear()
             start = k * window
             sound = spans(int(start * rate), int(end * rate)) if spans is not None else None
-            rows.append((start, end, self._with_sound(self._pool_frames(vectors, patches), sound)))
+            rows.append((start, end, self._with_sound(self._pool_frames(*features), sound)))
 
         current, last = 0, 0.0
         for time, frame in itertools.chain([first], timed):
@@ -378,12 +383,11 @@ class ContrastiveModel(nn.Module):
 
     def _frame_features(self, frames: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`frame_features` of decoded frames, 32 at a time: vectors L2-normalised in float32 [T, D]."""
-        vectors, patches = [], []
+        chunks = []
         for batch in _batches(frames, 32, False, "frames"):
-            vector, patch = self.frame_features(self.preprocess(batch).to(self.device, self.dtype))
-            vectors.append(F.normalize(vector.float(), dim=-1))
-            patches.append(patch)
-        return torch.cat(vectors), torch.cat(patches) if patches[0] is not None else None
+            vectors, patches = self.frame_features(self.preprocess(batch).to(self.device, self.dtype))
+            chunks.append((F.normalize(vectors.float(), dim=-1), patches))
+        return _joined(chunks)
 
     def _pool_frames(self, frame_vectors: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
         """One video vector from its normalised frame vectors [T, D] (and their patch tokens [T, P, width] for a
