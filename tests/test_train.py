@@ -7,7 +7,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -102,12 +101,6 @@ def test_fine_tune_from_a_saved_model(shapes, tmp_path):
     assert rosetta.load(second).config == rosetta.load(first).config
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_in_bf16_true_train_one_model(shapes, tmp_path):
     """Every rank's fp32 master weights start as rank 0's (each rank seeds its own initialisation): two processes
     follow the one-process bf16-true trajectory, up to bf16's rounding of the summed gradients."""
@@ -123,7 +116,8 @@ def _cli(*args: str) -> list[str]:
 
 
 def torchrun(config: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    # --standalone: the rendezvous binds a free port itself, so no other process can take one picked here first
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "rosetta", "train", str(config), *args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})

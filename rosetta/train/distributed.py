@@ -30,8 +30,12 @@ def init(device_type: str) -> World:
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def shutdown() -> None:
+def shutdown(together: bool = False) -> None:
+    """Leave the process group. `together` (a clean finish) waits for every rank first: a gloo rank whose peer has
+    already closed its connections aborts (SIGABRT) instead of exiting. A failing rank leaves at once."""
     if dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -266,6 +266,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     else:
         trainer = Trainer(cfg, resume=resume)
     try:
-        return trainer.fit()
-    finally:
+        final = trainer.fit()
+    except BaseException:
         distributed.shutdown()
+        raise
+    distributed.shutdown(together=True)  # rank 0 may still be writing the model the others are done with
+    return final
