@@ -119,3 +119,34 @@ def test_freed_memory_is_kept_unless_asked_not_to():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**__import__("os").environ, "ROSETTA_KEEP_FREED_MEMORY": "0"})
     assert out.stdout.strip() == "False", out.stderr
+
+
+RELEASE_CHECK = """
+import os, time, torch
+from rosetta.models.io import release_openmp_threads
+torch.set_num_threads(2)
+threads = lambda: len(os.listdir("/proc/self/task"))
+alone = threads()
+torch.ones(1 << 22).mul_(2)  # large enough to run as a parallel region: this thread's team starts
+team = threads()
+released = release_openmp_threads()
+deadline = time.monotonic() + 10
+while threads() > alone and time.monotonic() < deadline:
+    time.sleep(0.01)
+after = threads()
+torch.ones(1 << 22).mul_(2)
+print(alone, team, released, after, threads())
+"""
+
+
+def test_the_loading_threads_openmp_team_can_be_released():
+    """A server's model runs on its worker thread; the idle team left by the thread that loaded it is ended (it
+    made libgomp put the worker's team to sleep between parallel regions), and starts again if needed."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", RELEASE_CHECK], capture_output=True, text=True, timeout=120)
+    alone, team, released, after, again = out.stdout.split()
+    assert int(team) == int(alone) + 1, out.stdout  # two threads: this one and one more
+    assert released == "True" and int(after) == int(alone)
+    assert int(again) == int(team)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -160,6 +161,39 @@ def test_a_long_wait_still_ends_when_the_batch_is_full():
         futures = [batcher.submit("text", [i])[0] for i in range(3)]
         assert [f.result(60)[0, 0] for f in futures] == [0, 1, 2]
         assert runner.calls == [[0, 1, 2]]
+    finally:
+        batcher.stop()
+
+
+def test_a_batch_waits_for_inputs_that_were_being_decoded_when_it_opened():
+    """Clients answered together come back together: a batch opened by the first one to be decoded waits for the
+    others (well past max_wait_ms), and leaves once the last announced input is in."""
+    runner = Recorder()
+    batcher = started(MicroBatcher({"image": runner}, max_batch=8, max_wait_ms=0, arriving_wait_ms=60_000))
+    try:
+        with batcher.arriving("image"):  # the second request, still decoding
+            with batcher.arriving("image"):  # the first
+                first = batcher.submit("image", [1])
+            time.sleep(0.2)  # the batch is open, and waiting
+            assert runner.calls == []
+            second = batcher.submit("image", [2])
+        assert [first[0].result(30)[0, 0], second[0].result(30)[0, 0]] == [1, 2]
+        assert runner.calls == [[1, 2]]
+    finally:
+        batcher.stop()
+
+
+def test_an_announcement_withdrawn_without_input_lets_the_batch_go():
+    """A request that needed no model call (cache hits) or failed to decode ends its announcement; the batch
+    waiting for it leaves then, not when arriving_wait_ms is over."""
+    runner = Recorder()
+    batcher = started(MicroBatcher({"image": runner}, max_batch=8, max_wait_ms=0, arriving_wait_ms=3_600_000))
+    try:
+        with batcher.arriving("image"):
+            future = batcher.submit("image", [7])[0]
+            time.sleep(0.1)
+        assert future.result(60)[0, 0] == 7
+        assert runner.calls == [[7]]
     finally:
         batcher.stop()
 

@@ -56,6 +56,29 @@ def cpuinfo(field: str) -> str:
 _ALLOCATOR_TUNED: bool | None = None
 
 
+def release_openmp_threads() -> bool:
+    """Free the OpenMP threads this thread's parallel work started (they start again if it does more); returns
+    whether it could (torch's OpenMP runtime found, its `omp_pause_resource_all` there).
+
+    Call it in the thread that loaded a model which then runs on another thread (a server's model worker). libgomp
+    lets a team's threads spin between parallel regions only while it manages no more threads than there are CPUs;
+    the loading thread's idle team counts, so the worker's team sleeps and wakes at every region instead. Measured
+    (bf16 ViT-B/32 on a 2-core AMX Xeon, batch 32): 135-165 images/s on a worker thread with the loader's team
+    kept, 180-190 with it freed, as on the loading thread itself.
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+        if not runtimes:
+            return False
+        # torch's own (its wheel bundles one), where other libraries brought theirs too
+        runtime = min(runtimes, key=lambda path: not path.startswith(os.path.dirname(torch.__file__)))
+        pause = ctypes.CDLL(runtime).omp_pause_resource_all
+    except (OSError, AttributeError):
+        return False
+    return pause(1) == 0  # omp_pause_soft: the threads go, the runtime stays
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed blocks for reuse instead of handing them back to the system, once per
     process; returns whether it did (not on other C libraries, nor with ROSETTA_KEEP_FREED_MEMORY=0).

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rosetta.errors import InputError, RosettaError
+from rosetta.models.io import release_openmp_threads
 from rosetta.serve.audio import audio
 from rosetta.serve.auth import require_api_key
 from rosetta.serve.batching import BATCH_LIMITS, BatchedModel, MicroBatcher, embedded_modalities, model_runners
@@ -786,6 +787,7 @@ def create_app(model, store=None, settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        release_openmp_threads()  # the models run on the workers' threads: see its docstring
         for worker in workers:
             worker.start()
         try:
