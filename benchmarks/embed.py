@@ -4,7 +4,9 @@
 
 Prints images/s and texts/s (a short caption, and texts that fill the 77-token context) for open_clip fp32,
 Rosetta fp32, and Rosetta's fast path (`dtype="auto"`: bf16 on AMX CPUs, int8 on the others), the paths auto
-did not pick, the ratios, the CPU, and the cosine similarity between fast-path and fp32 embeddings.
+did not pick, the fast path's image tower through torch.compile (as `rosetta serve --compile` and `rosetta index
+--compile` run it; compiled in the warm-up round), the ratios, the CPU, and the cosine similarity between
+fast-path and fp32 embeddings.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import rosetta
+from rosetta.models.compiled import compile_image_tower
 from rosetta.models.io import cpu_has_fast_bf16, cpu_isa, cpuinfo, keep_freed_memory, place
 
 
@@ -91,6 +94,12 @@ def main() -> None:
         image_contenders[f"rosetta {other} (forced)"] = (twin.encode_image, images)
         text_contenders[f"rosetta {other} (forced)"] = (twin.encode_text, ids)
         long_contenders[f"rosetta {other} (forced)"] = (twin.encode_text, long_ids)
+    # `rosetta serve --compile` / `rosetta index --compile`: the fast path's image tower through torch.compile.
+    compiled = rosetta.create("vit-b-32").eval()
+    compiled.load_state_dict(ours.state_dict())
+    compiled = place(compiled, device, "auto")
+    compile_image_tower(compiled)
+    image_contenders[f"rosetta auto ({fast_dtype}) + compile"] = (compiled.encode_image, images)
     rows = {
         "images/s": throughputs(image_contenders, args.repeats),
         "texts/s": throughputs(text_contenders, args.repeats),
@@ -99,13 +108,15 @@ def main() -> None:
     for unit, results in rows.items():
         base = results["open_clip fp32"]
         for name, value in results.items():
-            print(f"{unit:16s} {name:28s} {value:8.1f}   x{value / base:.2f} vs open_clip fp32")
+            print(f"{unit:16s} {name:38s} {value:8.1f}   x{value / base:.2f} vs open_clip fp32")
         print()
 
     with torch.inference_mode():
         cos_image = F.cosine_similarity(fast.encode_image(images).float(), ours.encode_image(images), dim=-1)
         cos_text = F.cosine_similarity(fast.encode_text(ids).float(), ours.encode_text(ids), dim=-1)
-    print(f"cosine(auto, fp32): images min {cos_image.min():.5f}, texts min {cos_text.min():.5f}")
+        cos_compiled = F.cosine_similarity(compiled.encode_image(images).float(), ours.encode_image(images), dim=-1)
+    print(f"cosine(auto, fp32): images min {cos_image.min():.5f}, texts min {cos_text.min():.5f}; "
+          f"cosine(auto + compile, fp32): images min {cos_compiled.min():.5f}")
 
 
 if __name__ == "__main__":

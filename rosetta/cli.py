@@ -35,12 +35,12 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True, purpose: s
         g.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass (default: 32)")
 
 
-def add_compile_arg(p, what: str = "decoding") -> None:
-    """`--compile`, for the commands whose models decode tokens (`p`: a parser or an argument group)."""
+def add_compile_arg(p, what: str = "decoding", faster: str = "most with --dtype int8 on a CPU") -> None:
+    """`--compile`, for the commands whose models decode tokens or embed many images (`p`: a parser or an argument
+    group)."""
     p.add_argument("--compile", action="store_true",
                    help=f"{what} through torch.compile: the first steps wait for the compilation (seconds for a tiny "
-                        "model, a minute or more for a large one), later ones run faster (most with --dtype int8 "
-                        "on a CPU)")
+                        f"model, a minute or more for a large one), later ones run faster ({faster})")
 
 
 def model_from_args(args: argparse.Namespace):

@@ -27,6 +27,7 @@ from rosetta.modalities.text import (
     openai_clip_bpe,
 )
 from rosetta.modalities.video import VideoInput, sample_frames, timed_frames
+from rosetta.models.compiled import compiled_image_features
 from rosetta.models.config import PRESETS, PRETRAINED, AudioConfig, ContrastiveConfig, ImageConfig, VideoConfig
 from rosetta.models.encoders import AudioTransformer, ConvStem, TemporalPool, TextTransformer, VisionTransformer
 from rosetta.models.registry import Family
@@ -131,7 +132,8 @@ class ContrastiveModel(nn.Module):
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels [N, 3, H, W] to unnormalised image features [N, D]."""
-        return self.vision_proj(self.vision(pixels))
+        compiled = compiled_image_features(self, pixels)  # after `rosetta.models.compiled.compile_image_tower`
+        return compiled if compiled is not None else self.vision_proj(self.vision(pixels))
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [N, L] to unnormalised text features [N, D]."""

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rosetta.errors import InputError, RosettaError
+from rosetta.models.compiled import compile_image_tower
 from rosetta.models.io import release_openmp_threads
 from rosetta.serve.audio import audio
 from rosetta.serve.auth import require_api_key
@@ -772,6 +773,8 @@ def create_app(model, store=None, settings: Settings | None = None) -> FastAPI:
     metrics_ = Metrics()
     svc = Services(settings, model, metrics_, store=store)
     if "embed" in can:
+        if settings.compile and "image" in embedded_modalities(model):
+            compile_image_tower(model)
         svc.cache = EmbeddingCache(settings.cache_size)
         svc.batcher = MicroBatcher(model_runners(model), max_batch=settings.max_batch,
                                    max_wait_ms=settings.max_wait_ms, enabled=settings.batching,

@@ -45,7 +45,7 @@ def register(sub) -> None:
                    help="the most tokens one completion may ask for (language models; default: 4096)")
     p.add_argument("--max-sequences", type=int, default=8,
                    help="sequences a language model decodes together (default: 8)")
-    add_compile_arg(p, "a language model's or a speech recogniser's decoding")
+    add_compile_arg(p, "a language model's or a speech recogniser's decoding, an embedding model's image batches,")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image URLs named in requests (off by default: a server that fetches any "
                         "URL it is sent can be turned against its own network)")

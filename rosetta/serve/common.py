@@ -42,7 +42,7 @@ class Settings:
     thumbnail_size: int = 256
     max_new_tokens: int = 4096  # the most tokens one completion may ask for
     max_sequences: int = 8  # sequences a language model decodes together (continuous batching)
-    compile: bool = False  # decode steps (language models, speech) through torch.compile
+    compile: bool = False  # decode steps (language models, speech) and image batches through torch.compile
     max_audio_seconds: float = 2 * 3600.0  # the longest recording (sound or video) one request may send
     allow_remote_images: bool = False  # fetch http(s) image URLs named in requests (off: no request forgery)
 

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from rosetta.cli import add_model_args, fail, model_from_args
+from rosetta.cli import add_compile_arg, add_model_args, fail, model_from_args
 from rosetta.errors import RosettaError
 
 
@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", "-s", required=True,
                    help="the store: a directory (embedded, created if missing) or milvus://host:port/collection")
     add_model_args(p)
+    add_compile_arg(p, "image batches", faster="bf16 ViT-B/32 on an AMX CPU: 7%% more images/s")
     p.set_defaults(run=cmd_index)
 
     p = sub.add_parser(
@@ -58,6 +59,10 @@ def cmd_index(args: argparse.Namespace) -> int:
     from rosetta.store.index import index_source, model_name
 
     model = model_from_args(args)
+    if args.compile:
+        from rosetta.models.compiled import compile_image_tower
+
+        compile_image_tower(model)
     store = open_store(args.store, model=model_name(model), dim=model.config.embed_dim)
     try:
         report = index_source(model, store, args.source, batch_size=args.batch_size)
