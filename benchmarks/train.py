@@ -5,7 +5,8 @@
 Both models start from the same weights (open_clip's, converted), take AdamW steps on the same
 batches, and print samples/s: open_clip in fp32 and with bf16 autocast (its fast path), Rosetta in
 fp32, bf16 autocast and its fast path (`precision: bf16-true`, bf16 weights with fp32 master weights, where
-the hardware multiplies bf16 natively; else fp32). Both use torch's AdamW as their trainers build it. It
+the hardware multiplies bf16 natively; else fp32). Each uses torch's AdamW as its trainer builds it (Rosetta's
+contrastive trainer: fused; open_clip's script: the default). It
 also checks that the fp32 losses of the two match step by step, and prints Rosetta's MFU.
 """
 
@@ -24,6 +25,9 @@ from rosetta.models.io import cpu_has_fast_bf16, cpu_isa, cpuinfo, keep_freed_me
 from rosetta.train.flops import describe_peak, peak_flops, train_flops
 from rosetta.train.loop import MasterWeights
 from rosetta.train.losses import clip_loss
+from rosetta.train.trainer import Trainer
+
+FUSED = Trainer.fused_adamw  # the contrastive trainer's AdamW: fused (open_clip's script: torch's default)
 
 
 def open_clip_config() -> rosetta.ContrastiveConfig:
@@ -99,7 +103,7 @@ def main() -> None:
     def bf16_true_step(model):
         """`precision: bf16-true` as the trainer runs it: bf16 model, fp32 master weights in AdamW."""
         masters = MasterWeights(model)
-        optimizer = torch.optim.AdamW([masters.of(p) for p in model.parameters()], lr=1e-5)
+        optimizer = torch.optim.AdamW([masters.of(p) for p in model.parameters()], lr=1e-5, fused=FUSED)
 
         def step(pixels, ids):
             image, text, scale, _ = model(pixels, ids)
@@ -123,8 +127,8 @@ def main() -> None:
             return loss.item()
         return step
 
-    def adamw(model):  # torch's AdamW, as both training scripts build it
-        return torch.optim.AdamW(model.parameters(), lr=1e-5)
+    def adamw(model, fused=False):  # torch's AdamW, as each training script builds it
+        return torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
 
     fast = torch.bfloat16 if cpu_has_fast_bf16() else None
     print(f"threads: {torch.get_num_threads()}, cpu: {cpuinfo('model name') or '?'} ({cpu_isa()}), native bf16: "
@@ -133,12 +137,12 @@ def main() -> None:
     print(f"ViT-B/32 CLIP, batch {args.batch_size}, {args.steps} timed steps each\n")
 
     contenders = {
-        "rosetta fp32": (ours_step(m := fresh_ours(), adamw(m)), None),
+        "rosetta fp32": (ours_step(m := fresh_ours(), adamw(m, FUSED)), None),
         "open_clip fp32": (peer_step(m := fresh_peer(), adamw(m)), None),
         "open_clip bf16 autocast": (peer_step(m := fresh_peer(), adamw(m)), torch.bfloat16),
     }
     if fast:
-        contenders["rosetta bf16 autocast"] = (ours_step(m := fresh_ours(), adamw(m)), fast)
+        contenders["rosetta bf16 autocast"] = (ours_step(m := fresh_ours(), adamw(m, FUSED)), fast)
         contenders["rosetta bf16-true"] = (bf16_true_step(fresh_ours()), None)
     speeds, losses = interleaved(contenders, batches)
     for name, value in speeds.items():

@@ -108,3 +108,31 @@ def test_the_cpu_peak_is_measured_in_the_dtype_and_says_so():
     assert fp32 > 1e9 and peak_flops(cpu, torch.float32) == fp32  # measured once, then remembered
     assert "measured" in describe_peak(cpu, torch.float32) and "float32" in describe_peak(cpu, torch.float32)
     assert peak_flops(cpu, torch.bfloat16) != fp32  # its own dtype's figure, not fp32's relabelled
+
+
+def test_fused_adamw_takes_the_per_tensor_loops_steps():
+    """The contrastive trainer's fused AdamW and torch's per-tensor loop: groups of their own learning rate and
+    decay, a warm-up schedule, a parameter without a gradient on some steps; the same weights to rounding."""
+    torch.manual_seed(0)
+    shapes = [(96, 48), (192, 48), (48,), (1,)]
+    start = [torch.randn(s) * 0.02 for s in shapes]
+    weights, optimizers = [], []
+    for fused in (False, True):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        groups = [{"params": params[:2], "weight_decay": 0.1, "lr": 1e-3},
+                  {"params": params[2:], "weight_decay": 0.0, "lr": 5e-4}]
+        optimizer = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.98), eps=1e-6, fused=fused)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 10))
+        weights.append(params)
+        optimizers.append((optimizer, schedule))
+    for step in range(100):
+        grads = [torch.randn(s) for s in shapes]
+        for params in weights:
+            for p, g in zip(params, grads):
+                p.grad = None if (step % 7 == 3 and p.ndim == 1 and p.numel() == 1) else g.clone()
+        for optimizer, schedule in optimizers:
+            optimizer.step()
+            schedule.step()
+    for plain, fused, initial in zip(*weights, start):
+        assert (plain - initial).abs().max() > 1e-4  # they moved (steps of up to 1e-3, random signs)
+        torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-5)
