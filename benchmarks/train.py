@@ -27,7 +27,7 @@ from rosetta.train.loop import MasterWeights
 from rosetta.train.losses import clip_loss
 from rosetta.train.trainer import Trainer
 
-FUSED = Trainer.fused_adamw  # the contrastive trainer's AdamW: fused (open_clip's script: torch's default)
+FUSED = Trainer.fused_adamw or None  # the contrastive trainer's AdamW: fused (open_clip's script: torch's default)
 
 
 def open_clip_config() -> rosetta.ContrastiveConfig:
@@ -127,7 +127,7 @@ def main() -> None:
             return loss.item()
         return step
 
-    def adamw(model, fused=False):  # torch's AdamW, as each training script builds it
+    def adamw(model, fused=None):  # torch's AdamW, as each training script builds it (None: torch's default)
         return torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
 
     fast = torch.bfloat16 if cpu_has_fast_bf16() else None

@@ -56,13 +56,37 @@ def test_gradients_and_training_take_the_eager_tower(models):
         twin.eval()
 
 
+def test_weights_changed_after_compiling_are_seen(models):
+    eager, twin = models
+    torch.manual_seed(1)
+    other = rosetta.create("tiny").eval()
+    pixels = torch.randn(4, 3, 32, 32)
+    kept = {k: v.clone() for k, v in twin.state_dict().items()}
+    try:
+        twin.load_state_dict(other.state_dict())
+        with torch.inference_mode():
+            torch.testing.assert_close(twin.encode_image(pixels), other.encode_image(pixels), atol=1e-4, rtol=1e-4)
+    finally:
+        twin.load_state_dict(kept)
+    with torch.inference_mode():
+        torch.testing.assert_close(twin.encode_image(pixels), eager.encode_image(pixels), atol=1e-4, rtol=1e-4)
+    assert twin in compiled._COMPILED
+
+
+def test_an_input_the_tower_cannot_take_raises_and_keeps_the_compiled_tower(models):
+    _, twin = models
+    with torch.inference_mode(), pytest.raises(RuntimeError):
+        twin.encode_image(torch.randn(2, 5, 32, 32))  # five channels: the eager tower refuses it too
+    assert twin in compiled._COMPILED
+
+
 def test_a_failing_compilation_warns_once_and_runs_eagerly(caplog):
     model = rosetta.create("tiny").eval()
 
     def broken(pixels):
         raise RuntimeError("no C++ compiler")
 
-    compiled._COMPILED[model] = broken, 8
+    compiled._COMPILED[model] = compiled._Compiled(broken, 8, compiled._versions(model))
     pixels = torch.randn(3, 3, 32, 32)
     with caplog.at_level(logging.WARNING, logger="rosetta.models"), torch.inference_mode():
         first = model.encode_image(pixels)
@@ -83,7 +107,7 @@ def test_the_server_compiles_the_image_tower_when_asked(models):
     with TestClient(create_app(model, None, Settings(model_name="tiny", compile=True))) as client:
         assert model in compiled._COMPILED
         reply = client.post("/v1/embed", files=[("images", ("a.png", buffer.getvalue(), "image/png"))])
-    compiled._COMPILED.pop(model, None)
+    assert compiled._COMPILED.pop(model, None) is not None  # still there: the compiled tower answered
     assert reply.status_code == 200, reply.text
     with torch.inference_mode():
         want = eager.embed_images([buffer.getvalue()])
@@ -96,9 +120,11 @@ def test_index_compiled_stores_the_vectors_an_eager_search_finds(tmp_path, capsy
     from rosetta.cli import main
 
     photos = write_images(tmp_path / "photos", 5)
+    before = set(compiled._COMPILED)
     assert main(["index", str(tmp_path / "photos"), "--store", str(tmp_path / "store"), "--model", "tiny",
                  "--random-init", "--device", "cpu", "--batch-size", "4", "--compile"]) == 0
-    compiled._COMPILED.clear()  # the search below runs eagerly
+    indexer, = set(compiled._COMPILED) - before
+    del compiled._COMPILED[indexer]  # the search below runs eagerly
     capsys.readouterr()
     for photo in photos:  # batches of 4 and 1, both padded to 8
         assert main(["search", "--store", str(tmp_path / "store"), "--image", str(photo), "--k", "1", "--model",

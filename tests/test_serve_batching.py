@@ -189,11 +189,28 @@ def test_an_announcement_withdrawn_without_input_lets_the_batch_go():
     runner = Recorder()
     batcher = started(MicroBatcher({"image": runner}, max_batch=8, max_wait_ms=0, arriving_wait_ms=3_600_000))
     try:
-        with batcher.arriving("image"):
+        with batcher.arriving("image"):  # a request that will submit nothing
             future = batcher.submit("image", [7])[0]
             time.sleep(0.1)
-        assert future.result(60)[0, 0] == 7
+            assert runner.calls == []  # the batch waits for the announced input...
+        assert future.result(60)[0, 0] == 7  # ...and leaves when the announcement is withdrawn
         assert runner.calls == [[7]]
+    finally:
+        batcher.stop()
+
+
+def test_other_modalities_waiting_cut_the_wait_for_announced_inputs():
+    images, texts = Recorder(), Recorder()
+    batcher = started(MicroBatcher({"image": images, "text": texts}, max_batch=8, max_wait_ms=0,
+                                   arriving_wait_ms=3_600_000))
+    try:
+        with batcher.arriving("image"):
+            image = batcher.submit("image", [1])[0]
+            time.sleep(0.1)
+            assert images.calls == []
+            text = batcher.submit("text", [2])[0]  # a text request behind the waiting image batch
+            assert image.result(60)[0, 0] == 1 and text.result(60)[0, 0] == 2
+        assert images.calls == [[1]] and texts.calls == [[2]]
     finally:
         batcher.stop()
 

@@ -72,7 +72,7 @@ def release_openmp_threads() -> bool:
         if not runtimes:
             return False
         # torch's own (its wheel bundles one), where other libraries brought theirs too
-        runtime = min(runtimes, key=lambda path: not path.startswith(os.path.dirname(torch.__file__)))
+        runtime = min(runtimes, key=lambda path: not path.startswith(os.path.dirname(torch.__file__) + os.sep))
         pause = ctypes.CDLL(runtime).omp_pause_resource_all
     except (OSError, AttributeError):
         return False

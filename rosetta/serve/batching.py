@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import hashlib
 import io
+import math
 import os
 import threading
 import time
@@ -65,8 +66,8 @@ class MicroBatcher:
                  batch_limits: dict[str, int] | None = None, arriving_wait_ms: float = 250.0):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
-        if max_wait_ms < 0:
-            raise ValueError("max_wait_ms must be >= 0")
+        if not 0 <= max_wait_ms < math.inf or not 0 <= arriving_wait_ms < math.inf:
+            raise ValueError("max_wait_ms and arriving_wait_ms must be finite and >= 0")
         self.runners = runners
         self.max_batch = max_batch
         # Inputs per model call of each modality, where fewer than max_batch.
@@ -180,7 +181,9 @@ class MicroBatcher:
                         jobs.append(queue.popleft())
                         size += len(jobs[-1].items)
                         continue
-                    decoding = any(since <= opened for since in self._arriving[modality].values())
+                    # Not while another modality's requests wait: they would wait behind these.
+                    decoding = any(since <= opened for since in self._arriving[modality].values()) and not any(
+                        q for m, q in self._queues.items() if m != modality)
                     remaining = (patience if decoding else deadline) - time.monotonic()
                     if remaining <= 0 or self._stopping:
                         break

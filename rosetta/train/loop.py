@@ -212,8 +212,9 @@ class TrainLoop:
         groups = self.param_groups()
         if self.masters:  # the optimiser updates the fp32 weights; the model's bf16 ones are copied from them
             groups = [{**g, "params": [self.masters.of(p) for p in g["params"]]} for g in groups]
-        fused = self.fused_adamw and not self.sharded and self.device.type in ("cpu", "cuda")
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+        # None, not False: torch's own choice then (its multi-tensor loop on CUDA)
+        self.fused = True if self.fused_adamw and not self.sharded and self.device.type in ("cpu", "cuda") else None
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=self.fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.warmup_steps, self.total_steps, cfg.min_lr / cfg.lr if cfg.lr else 0.0)
         )
@@ -361,6 +362,8 @@ class TrainLoop:
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
         else:
             self.optimizer.load_state_dict(state["optimizer"])
+            for group in self.optimizer.param_groups:  # the saved groups bring the saving run's implementation
+                group["fused"], group["foreach"] = self.fused, None
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]  # a list, one per rank (a single state in checkpoints of earlier versions)
