@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", "-s", required=True,
                    help="the store: a directory (embedded, created if missing) or milvus://host:port/collection")
     add_model_args(p)
-    add_compile_arg(p, "image batches", faster="bf16 ViT-B/32 on an AMX CPU: 7%% more images/s")
+    add_compile_arg(p, "image batches", faster="bf16 ViT-B/32 on an AMX CPU: 4-10%% more images/s")
     p.set_defaults(run=cmd_index)
 
     p = sub.add_parser(
