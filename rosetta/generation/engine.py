@@ -27,6 +27,7 @@ from rosetta.generation.constraints import JsonConstraint
 from rosetta.generation.sampling import SamplingParams, new_generator, penalize_repetition, sample, warp
 from rosetta.generation.streaming import TextStream
 from rosetta.nn.cache import CacheWindow, KVCache
+from rosetta.nn.compiler import prepare_compiler
 
 # A logits processor sees the ids so far (prompt and output) and one row of logits [V], and returns logits.
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
@@ -67,11 +68,7 @@ def compiled_decoder(model: Decoder) -> Callable[..., torch.Tensor]:
     """
     forward = _COMPILED.get(type(model))
     if forward is None:
-        if not _COMPILED:  # once: inductor's C++ toolchain probe warns "No CUDA runtime is found" on CPU machines
-            logging.getLogger("torch.utils.cpp_extension").addFilter(lambda r: "No CUDA runtime" not in r.getMessage())
-        # Each model (its dtype, its int8 layers' handles) takes cache entries of its own; past dynamo's default
-        # of 8 a second model would fall back to eager without a word.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        prepare_compiler()
         forward = _COMPILED[type(model)] = torch.compile(type(model).forward, dynamic=True)
     return functools.partial(forward, model)
 

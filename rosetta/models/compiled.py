@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rosetta.nn.compiler import prepare_compiler
+
 log = logging.getLogger("rosetta.models")
 
 
@@ -40,9 +42,7 @@ def compile_image_tower(model: nn.Module, step: int = 8) -> None:
     """Run `model.encode_image` through torch.compile from now on, for inference (see the module docstring)."""
     if step < 1:
         raise ValueError("step must be at least 1")
-    logging.getLogger("torch.utils.cpp_extension").addFilter(_no_cuda_runtime)  # inductor's probe, on CPUs
-    # A graph per padded batch size and per model: past dynamo's default of 8 it would go back to eager silently.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    prepare_compiler()  # a graph per padded batch size and per model
     _COMPILED[model] = _Compiled(_compiled(model), step, _versions(model))
 
 
@@ -78,7 +78,3 @@ def _image_features(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
 
 def _versions(model: nn.Module) -> tuple[int, ...]:
     return tuple(t._version for t in (*model.vision.parameters(), *model.vision_proj.parameters()))
-
-
-def _no_cuda_runtime(record: logging.LogRecord) -> bool:
-    return "No CUDA runtime" not in record.getMessage()

@@ -181,9 +181,9 @@ class MicroBatcher:
                         jobs.append(queue.popleft())
                         size += len(jobs[-1].items)
                         continue
-                    # Not while another modality's requests wait: they would wait behind these.
-                    decoding = any(since <= opened for since in self._arriving[modality].values()) and not any(
-                        q for m, q in self._queues.items() if m != modality)
+                    # Not while another modality's requests queue: they would wait behind these.
+                    others = any(q for m, q in self._queues.items() if m != modality)
+                    decoding = not others and any(since <= opened for since in self._arriving[modality].values())
                     remaining = (patience if decoding else deadline) - time.monotonic()
                     if remaining <= 0 or self._stopping:
                         break
