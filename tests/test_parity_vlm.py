@@ -50,14 +50,31 @@ def _photo(name: str) -> Image.Image:
 def llava(tmp_path_factory):
     """A tiny random LLaVA-1.5 (CLIP tower at 32 px in 8 px patches: 16 image tokens; a 2-layer Llama), saved by
     transformers with its processor: (directory, model, processor)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    return _llava(tmp_path_factory.mktemp("llava"))
+
+
+@pytest.fixture(scope="module")
+def llama_llava(tmp_path_factory):
+    """The same with a Llama-style tokenizer, which starts every text with BOS, and LLaVA-1.5's own prompt format,
+    which leaves BOS to the tokenizer (as llava-hf/llava-1.5-7b-hf's)."""
+    return _llava(tmp_path_factory.mktemp("llama-llava"), bos="<s>")
+
+
+def _llava(directory, bos: str | None = None):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from rosetta.models.vlm import LLAVA_TEMPLATE
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=380, special_tokens=SPECIALS, show_progress=False,
+    specials = SPECIALS + [bos] if bos else SPECIALS
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=380, special_tokens=specials, show_progress=False,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>",
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos or "<|im_start|>",
                                                      eos_token="<|im_end|>", pad_token="<|endoftext|>")
     image_id = tok.token_to_id("<image>")
     vision = transformers.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3,
@@ -65,7 +82,7 @@ def llava(tmp_path_factory):
     text = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                     max_position_embeddings=512, tie_word_embeddings=False,
-                                    bos_token_id=tok.token_to_id("<|im_start|>"),
+                                    bos_token_id=tok.token_to_id(bos or "<|im_start|>"),
                                     eos_token_id=tok.token_to_id("<|im_end|>"),
                                     pad_token_id=tok.token_to_id("<|endoftext|>"))
     config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
@@ -81,8 +98,7 @@ def llava(tmp_path_factory):
                                                          crop_size={"height": 32, "width": 32})
     processor = transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
                                             vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                                            chat_template=TEMPLATE)
-    directory = tmp_path_factory.mktemp("llava")
+                                            chat_template=LLAVA_TEMPLATE if bos else TEMPLATE)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory, model, processor
@@ -107,6 +123,22 @@ def test_prompt_expansion_and_pixels_equal_the_processors(llava, name):
 
     pixels = torch.stack([preprocess(image, 32, ours.config.image) for image in images])
     assert (pixels - inputs["pixel_values"]).abs().max() < 1e-5
+
+
+def test_a_llama_tokenizers_bos_starts_the_prompt_as_in_the_processors(llama_llava):
+    directory, theirs, processor = llama_llava
+    ours = rosetta.load(directory)
+    photo = _photo("rocket")
+    inputs = _theirs(processor, [photo], "Describe the image.")
+    ids, _ = ours.prompt([user(photo, "Describe the image.")])
+    assert ids == inputs["input_ids"][0].tolist()
+    assert ids[0] == processor.tokenizer.bos_token_id and ids.count(ids[0]) == 1
+    with torch.no_grad():
+        want = theirs(**inputs).logits[0, -1]
+    assert ours.ask(photo, "Describe the image.", max_new_tokens=1) == processor.decode(want.argmax(-1))
+    as_processed = processor.apply_chat_template([user(photo, "Describe the image.")], add_generation_prompt=True,
+                                                 tokenize=True, return_dict=True)
+    assert as_processed["input_ids"][0] == ids  # the processor's own chat path adds the BOS too
 
 
 def test_logits_match(llava):

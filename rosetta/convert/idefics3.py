@@ -62,7 +62,7 @@ def read_config(directory: Path):
     return VLMConfig(vision=vision, text=text, image=image, image_token_id=hf.get("image_token_id", 128257),
                      feature_layer=-1, projector="shuffle", projector_bias=False,
                      scale_factor=hf.get("scale_factor", 2), feature_norm=True,
-                     tiling=Tiling(longest_edge=longest, tile=tile))
+                     tiling=Tiling(longest_edge=longest, tile=tile), add_special_tokens=True)
 
 
 def rules(config) -> list[Rule]:

@@ -71,7 +71,7 @@ def read_config(directory: Path):
         image_token_id=hf.get("image_token_id", hf.get("image_token_index", 32000)), feature_layer=layer,
         keep_class_token=hf.get("vision_feature_select_strategy", "default") == "full",
         projector_act=_projector_act(hf.get("projector_hidden_act", "gelu"), directory),
-        projector_bias=hf.get("multimodal_projector_bias", True),
+        projector_bias=hf.get("multimodal_projector_bias", True), add_special_tokens=True,
     )
 
 

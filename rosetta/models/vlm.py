@@ -92,6 +92,10 @@ class VLMConfig:
     scale_factor: int = 1  # pixel shuffle: scale_factor x scale_factor neighbouring patches make one token
     feature_norm: bool = False  # the tower's final norm on its last states (SmolVLM), not an inner layer's
     tiling: Tiling | None = None  # None: one square image (LLaVA)
+    # Prompts encoded with the tokenizer's special tokens (a Llama tokenizer's BOS) unless the template already
+    # begins with BOS, as transformers' processors encode them: on for checkpoints read from transformers; off
+    # for the tokenizers of models built here, which also end every text with EOS.
+    add_special_tokens: bool = False
 
     def __post_init__(self) -> None:
         if self.projector not in ("mlp", "shuffle"):
@@ -379,7 +383,9 @@ class VisionLanguageModel(nn.Module):
             if reply:
                 replies.append((len(text), len(text) + len(expanded)))
             text += expanded
-        encoding = self.tokenizer.backend.encode(text, add_special_tokens=False)
+        bos = self.tokenizer.special_tokens.get("bos_token")
+        special = self.config.add_special_tokens and not (bos and text.startswith(bos))
+        encoding = self.tokenizer.backend.encode(text, add_special_tokens=special)
         ids = encoding.ids
         flags = [any(begin < stop and end > start for start, stop in replies) for begin, end in encoding.offsets]
         if len(ids) >= self.context_length:
