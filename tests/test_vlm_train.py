@@ -225,14 +225,37 @@ def test_accumulation_and_packing_leave_the_run_unchanged(shapes, tower, tmp_pat
     assert_same_weights(plain, accumulated, atol=1e-5)
 
 
-def test_two_processes_follow_the_one_process_trajectory(shapes, tower, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_follow_the_one_process_trajectory(shapes, tower, tmp_path, strategy):
     """The tower trained too: DDP needs every trained weight to get a gradient (the blocks after the feature
-    layer are frozen)."""
+    layer are frozen); FSDP shards trained and frozen weights side by side."""
     tuned = {"vlm": {"train": ["vision", "projector", "lm"], "lr_scale": {"vision": 0.5}}, "epochs": 0.5}
     single = train(load_config(recipe(shapes, tower, tmp_path / "single", **tuned)))
-    torchrun(recipe(shapes, tower, tmp_path / "ddp", **tuned))
-    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), abs=1e-4)
-    assert_same_weights(single, tmp_path / "ddp" / "model", atol=1e-4)
+    torchrun(recipe(shapes, tower, tmp_path / strategy, distributed=strategy, **tuned))
+    assert losses(tmp_path / strategy) == pytest.approx(losses(tmp_path / "single"), abs=1e-4)
+    assert_same_weights(single, tmp_path / strategy / "model", atol=1e-4)
+
+
+def test_a_sharded_run_resumes_on_the_one_process_trajectory(shapes, tower, tmp_path):
+    """FSDP, rewound to a mid-run checkpoint and resumed: the sharded optimiser state comes back exactly."""
+    import shutil
+
+    settings = {"vlm": {"train": ["vision", "projector", "lm"], "lr_scale": {"vision": 0.5}}, "checkpoint_every": 3,
+                "keep_checkpoints": 10}
+    single = train(load_config(recipe(shapes, tower, tmp_path / "single", **settings)))
+    run = tmp_path / "fsdp"
+    config = recipe(shapes, tower, run, distributed="fsdp", **settings)
+    torchrun(config)
+    steps = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert steps[0] == "step-00000003" and len(steps) > 1  # the resumed run has steps to retrace
+    for later in steps[1:]:
+        shutil.rmtree(run / "checkpoints" / later)
+    shutil.rmtree(run / "model")
+    (run / "checkpoints" / "latest.json").write_text(json.dumps({"step": 3, "checkpoint": steps[0]}))
+    out = torchrun(config, "--resume")
+    assert "(step 3)" in out.stdout
+    assert losses(run) == pytest.approx(losses(tmp_path / "single"), abs=1e-4)
+    assert_same_weights(single, run / "model", atol=1e-4)
 
 
 @pytest.mark.parametrize("lora,precision", [(None, "fp32"), ({"rank": 4, "alpha": 8}, "fp32"),

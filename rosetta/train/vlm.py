@@ -294,8 +294,6 @@ class VLMTrainer(TrainLoop):
                 raise RosettaError("vlm.lora trains adapters on the language model: leave lm out of vlm.train")
             self.lora = dict(cfg.vlm.lora)
             add_lora(model.lm, **self.lora)
-        if cfg.distributed == "fsdp" and self.world.size > 1:
-            raise RosettaError("task vlm trains under DDP (distributed: ddp); FSDP is the contrastive trainer's")
         for name in cfg.vlm.train:
             parts[name].requires_grad_(True)
         for idle in model.idle_vision_parts():
@@ -348,6 +346,12 @@ class VLMTrainer(TrainLoop):
 
     def shard_units(self) -> list[nn.Module]:
         return [*self.model.vision.transformer.blocks, *self.model.lm.blocks]
+
+    def warm_up_sharded(self) -> None:
+        c = self.model.config
+        with torch.no_grad():  # one image's tokens and pixels: every sharded part runs once
+            self.wrapped(torch.full((1, c.image_tokens), c.image_token_id, device=self.device),
+                         torch.zeros(1, 3, c.vision.image_size, c.vision.image_size, device=self.device))
 
     def train_step(self, micro_batches: list[list[dict[str, torch.Tensor]]]) -> float:
         batches = [{k: v.to(self.device, non_blocking=True) for k, v in micro[0].items()} for micro in micro_batches]
