@@ -106,7 +106,9 @@ def transcribe_many(model, audios: Sequence[AudioInput], batch_size: int = 8, va
     show = progress if progress is not None else total > 60
     with torch.inference_mode(), tqdm(total=round(total, 1), unit="s", desc="audio", disable=not show or None,
                                       leave=False) as bar:
-        _Decoder(model, decoding, batch_size, compile).run([j for j in jobs if j is not None], bar)
+        recordings = [j for j in jobs if j is not None]
+        # Each recording has one window due at a time: the engine's cache needs no more rows than that.
+        _Decoder(model, decoding, max(1, min(batch_size, len(recordings))), compile).run(recordings, bar)
     return [None if j is None else j.result() for j in jobs]
 
 
